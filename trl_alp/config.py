@@ -1,0 +1,144 @@
+"""`ALPConfig`: TRL's `GRPOConfig` plus the fields of Adaptive Layerwise Perturbation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from trl import GRPOConfig
+
+from .perturbation import validate_layer_spec
+
+
+class Correction(NamedTuple):
+    """A parsed `correction` value: what forms the ratio, at which level, and with or without noise."""
+
+    name: str
+    family: str  # "alp" | "bypass"
+    level: str  # "token" | "sequence" | "geometric"
+
+    @property
+    def perturbs(self) -> bool:
+        return self.family == "alp"
+
+
+CORRECTIONS: dict[str, Correction] = {
+    name: Correction(name, family, level)
+    for family in ("alp", "bypass")
+    for prefix, level in (("seq", "sequence"), ("token", "token"), ("geo", "geometric"))
+    for name in (f"{prefix}-{family}",)
+}
+
+
+def _check_finite(name: str, value: float, *, positive: bool = False, nonnegative: bool = False) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if nonnegative and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+@dataclass
+class ALPConfig(GRPOConfig):
+    r"""
+    Configuration for [`ALPGRPOTrainer`]: every [`~trl.GRPOConfig`] field plus the ALP fields below.
+
+    The ALP ratio is ``π_{θ,δ}(y) / μ(y)``: the numerator is the training policy's log-probs from a forward pass
+    with learnable Gaussian noise ``σ_l · ε`` added to the input of each selected decoder layer, the denominator the
+    log-probs the rollout engine reported when it sampled. In the ALP and Bypass corrections the PPO clip uses
+    `alp_epsilon_low` / `alp_epsilon_high` / `alp_dual_clip`; TRL's `epsilon`, `epsilon_high`, `delta`,
+    `importance_sampling_level` and the vLLM importance-sampling correction are not used (ALP replaces them).
+
+    Defaults are the ALP authors' single-turn math recipe: sequence-level ratio, σ₀ = 0.02, σ learning rate 1e-2,
+    clip [0.5, 4.0], dual clip 10.
+    """
+
+    correction: str = field(
+        default="seq-alp",
+        metadata={
+            "help": "Off-policy correction. 'seq-alp' (default): perturbed numerator, product-of-tokens sequence "
+            "ratio; 'token-alp': per-token ratio; 'geo-alp': length-normalised (geometric mean) sequence ratio; "
+            "'seq-bypass' / 'token-bypass' / 'geo-bypass': the same ratio over the rollout log-probs but without "
+            "noise (the Bypass baseline).",
+            "choices": list(CORRECTIONS),
+        },
+    )
+    alp_layers: str = field(
+        default="all",
+        metadata={
+            "help": "Decoder layers that receive noise: 'all', 'none' (same as Bypass), 'early' / 'middle' / "
+            "'late' (thirds of the stack), an index '3', an inclusive range '0-5', a comma-separated mix "
+            "'0-2,7', or a list of ints."
+        },
+    )
+    alp_layers_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dotted path of the decoder-layer nn.ModuleList relative to the causal LM (e.g. 'model.layers'). "
+            "Default: found automatically for Llama, Qwen2/3, Mistral, Gemma 1/2/3, Phi-3, GPT-2, GPT-NeoX, OPT."
+        },
+    )
+    alp_init_sigma: float = field(
+        default=0.02, metadata={"help": "Initial noise scale σ₀ of every perturbed layer (> 0)."}
+    )
+    alp_learn_sigma: bool = field(
+        default=True, metadata={"help": "Learn σ (one log-scale per layer) with the RL loss; False freezes it."}
+    )
+    alp_sigma_learning_rate: float = field(
+        default=1e-2,
+        metadata={"help": "Peak learning rate of σ's own optimizer group (it follows the main LR schedule's shape)."},
+    )
+    alp_sigma_weight_decay: float = field(
+        default=0.01, metadata={"help": "Weight decay of σ's optimizer group (on log σ)."}
+    )
+    alp_epsilon_low: float = field(
+        default=0.5, metadata={"help": "Lower PPO clip of the ALP/Bypass ratio: ratio ≥ 1 − alp_epsilon_low."}
+    )
+    alp_epsilon_high: float = field(
+        default=3.0, metadata={"help": "Upper PPO clip of the ALP/Bypass ratio: ratio ≤ 1 + alp_epsilon_high."}
+    )
+    alp_dual_clip: float | None = field(
+        default=10.0,
+        metadata={
+            "help": "Dual-clip constant c for negative advantages (loss capped at c·|A|); must exceed "
+            "1 + alp_epsilon_high. None disables it."
+        },
+    )
+    alp_noise_seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed of the perturbation noise; None uses `seed`."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.correction not in CORRECTIONS:
+            raise ValueError(f"correction must be one of {list(CORRECTIONS)}, got {self.correction!r}")
+        _check_finite("alp_init_sigma", self.alp_init_sigma, positive=True)
+        _check_finite("alp_sigma_learning_rate", self.alp_sigma_learning_rate, nonnegative=True)
+        _check_finite("alp_sigma_weight_decay", self.alp_sigma_weight_decay, nonnegative=True)
+        _check_finite("alp_epsilon_low", self.alp_epsilon_low, positive=True)
+        _check_finite("alp_epsilon_high", self.alp_epsilon_high, positive=True)
+        if self.alp_epsilon_low >= 1:
+            raise ValueError(f"alp_epsilon_low must be in (0, 1), got {self.alp_epsilon_low!r}")
+        if self.alp_dual_clip is not None:
+            _check_finite("alp_dual_clip", self.alp_dual_clip)
+            if self.alp_dual_clip <= 1 + self.alp_epsilon_high:
+                raise ValueError(
+                    f"alp_dual_clip must be > 1 + alp_epsilon_high = {1 + self.alp_epsilon_high}, "
+                    f"got {self.alp_dual_clip!r} (or None to disable it)"
+                )
+        validate_layer_spec(self.alp_layers)  # the trainer checks the range against the model
+
+    @property
+    def parsed_correction(self) -> Correction:
+        return CORRECTIONS[self.correction]
+
+    @classmethod
+    def from_grpo_config(cls, args: GRPOConfig) -> ALPConfig:
+        """An `ALPConfig` with every field of `args` and the ALP defaults."""
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GRPOConfig) if f.init}
+        values["generation_batch_size"] = None  # derived from steps_per_generation in __post_init__
+        return cls(**values)

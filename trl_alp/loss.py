@@ -1,0 +1,125 @@
+"""Importance-ratio and loss math as pure tensor functions (no trainer state), so tests can check them by hand.
+
+Shapes: ``logps``, ``rollout_logps`` and ``mask`` are ``(B, T)``; ``advantages`` is ``(B,)`` or ``(B, 1)``.
+All log-weights returned here are ``(B, T)``: sequence-level ratios are broadcast to their tokens with the
+gradient of each token's own log-prob, as in the ALP authors' GSPO-style form.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOG_RATIO_CLAMP = 20.0
+RATIO_LEVELS = ("token", "sequence", "geometric")
+
+
+def _as_column(advantages: torch.Tensor) -> torch.Tensor:
+    return advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+
+
+def sequence_log_ratio(
+    logps: torch.Tensor, rollout_logps: torch.Tensor, mask: torch.Tensor, level: str = "sequence"
+) -> torch.Tensor:
+    """Per-sequence log-ratio, ``(B,)``: the masked sum (``sequence``) or mean (``geometric``) of token log-ratios,
+    clamped to ±20. For ``token`` this is the masked sum too (the log of the product of token ratios)."""
+    delta = (logps - rollout_logps) * mask
+    total = delta.sum(-1)
+    if level == "geometric":
+        total = total / mask.sum(-1).clamp(min=1.0)
+    return total.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def alp_log_weights(
+    logps: torch.Tensor, rollout_logps: torch.Tensor, mask: torch.Tensor, level: str = "sequence"
+) -> torch.Tensor:
+    """Log importance weights ``log w_t`` of the ALP ratio ``π_{θ,δ}(y) / μ(y)``.
+
+    * ``token``: ``clamp(log π(y_t) − log μ(y_t), ±20)``.
+    * ``sequence``: value ``Σ_t m_t (log π − log μ)`` (the product of token ratios), gradient per token:
+      ``log w_t = sg(S) + log π(y_t) − sg(log π(y_t))``.
+    * ``geometric``: the same with ``S`` divided by the number of completion tokens.
+    """
+    if level == "token":
+        return (logps - rollout_logps).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    if level not in RATIO_LEVELS:
+        raise ValueError(f"ratio level must be one of {RATIO_LEVELS}, got {level!r}")
+    seq = sequence_log_ratio(logps.detach(), rollout_logps, mask, level).unsqueeze(-1)
+    return seq + logps - logps.detach()
+
+
+def clipped_surrogate(
+    log_weights: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+    dual_clip: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped loss ``−min(r·A, clip(r, 1−ε_low, 1+ε_high)·A)`` with optional dual clip.
+
+    Dual clip (for ``A < 0``): the loss is capped at ``c·|A|``, i.e. the objective is ``max(PPO, c·A)``, so a huge
+    ratio on a negative-advantage token cannot blow up the gradient. Returns the per-token loss and boolean masks
+    ``low`` / ``high`` / ``dual`` of the tokens each clip made constant.
+    """
+    advantages = _as_column(advantages)
+    ratio = torch.exp(log_weights)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * advantages
+    per_token_loss = -torch.min(unclipped, clipped)
+    negative = advantages < 0
+    is_dual = torch.zeros_like(negative.expand_as(ratio))
+    if dual_clip is not None:
+        per_token_loss = torch.where(negative, torch.minimum(per_token_loss, -dual_clip * advantages), per_token_loss)
+        is_dual = (ratio > dual_clip) & negative
+    stats = {
+        "low": (ratio < 1 - epsilon_low) & negative,
+        "high": (ratio > 1 + epsilon_high) & (advantages > 0),
+        "dual": is_dual,
+    }
+    return per_token_loss, stats
+
+
+def k3_kl(logps: torch.Tensor, other_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token low-variance KL estimate ``exp(o − p) − (o − p) − 1`` (TRL's form for the reference KL)."""
+    diff = other_logps - logps
+    return torch.exp(diff) - diff - 1
+
+
+def aggregate_loss(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str,
+    *,
+    accumulation_steps: int = 1,
+    num_items_in_batch: torch.Tensor | float | None = None,
+    num_processes: int = 1,
+    steps_per_generation: int = 1,
+    max_completion_length: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduce a per-token loss the way TRL 1.16's `GRPOTrainer` does for `loss_type`.
+
+    Returns ``(loss to backpropagate, policy loss for logging)``. Pass ``accumulation_steps=1`` in evaluation.
+    """
+    mask = mask.to(per_token_loss.dtype)
+    per_token_loss = per_token_loss.expand_as(mask)
+    if loss_type in ("grpo", "sapo"):
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type='dr_grpo' needs max_completion_length")
+        loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length)
+    elif loss_type == "luspo":
+        loss = (per_token_loss * mask).sum(-1).mean()
+    elif loss_type in ("dapo", "cispo", "vespo"):
+        if num_items_in_batch is None:
+            raise ValueError(f"loss_type={loss_type!r} needs num_items_in_batch")
+        normalizer = torch.as_tensor(num_items_in_batch, dtype=per_token_loss.dtype).clamp(min=1.0) / num_processes
+        normalizer = normalizer * accumulation_steps / steps_per_generation
+        loss = (per_token_loss * mask).sum() / normalizer
+        return loss, loss.detach()
+    else:
+        raise ValueError(
+            f"Unknown loss_type {loss_type!r}; expected one of grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo."
+        )
+    return loss / accumulation_steps, loss.detach()

@@ -1,0 +1,264 @@
+"""Layerwise perturbation: learnable Gaussian noise on the input of decoder layers, through forward pre-hooks.
+
+At the input of each selected decoder layer l the hidden state becomes ``h + σ_l · ε`` with ``ε ~ N(0, I)`` of
+the same shape and ``σ_l = exp(s_l)`` one learnable scalar per layer. The noise enters before the layer's input
+norm, so it also flows into the residual stream.
+
+Two properties make this cheap and safe:
+
+* ε is drawn from a generator seeded by ``(seed, global step, micro step, layer, rank)``, so any recomputation
+  (activation checkpointing that re-runs hooks) gets the identical noise, and backward regenerates ε instead of
+  storing it: no extra activation memory.
+* Hooks exist only inside :meth:`LayerPerturbation.active` and fire only when gradients are enabled and the
+  perturbation is not :meth:`~LayerPerturbation.suspended`, so generation, old/reference log-prob passes and
+  evaluation are never perturbed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+# Where decoder layers live, in the order they are tried (after unwrapping DDP/FSDP/DeepSpeed and PEFT wrappers).
+LAYER_CONTAINER_PATHS = (
+    "model.layers",  # Llama, Qwen2/2.5/3, Mistral, Gemma 1/2/3 (text), Phi-3
+    "model.language_model.layers",  # Gemma 3 and other vision-language wrappers
+    "transformer.h",  # GPT-2
+    "gpt_neox.layers",  # GPT-NeoX, Pythia
+    "model.decoder.layers",  # OPT
+    "transformer.layers",
+    "layers",
+)
+
+_MASK64 = (1 << 63) - 1
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip distributed wrappers (``.module``) and PEFT wrappers (``get_base_model()``) to reach the causal LM."""
+    while True:
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+            base = model.get_base_model()
+            if base is not model:
+                model = base
+                continue
+        inner = getattr(model, "module", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        return model
+
+
+def find_decoder_layers(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """Return ``(path, layers)`` for the decoder-layer container of `model`.
+
+    `path` is a dotted attribute path relative to the unwrapped model (e.g. ``"model.layers"``); without it the
+    known containers in :data:`LAYER_CONTAINER_PATHS` are tried in order.
+    """
+    base = unwrap_model(model)
+    candidates = (path,) if path else LAYER_CONTAINER_PATHS
+    for candidate in candidates:
+        obj: object = base
+        for part in candidate.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return candidate, obj
+    if path:
+        raise ValueError(
+            f"alp_layers_path={path!r} does not name a non-empty nn.ModuleList on {type(base).__name__}. "
+            "Give the dotted path of the decoder-layer list relative to the causal LM, e.g. 'model.layers'."
+        )
+    raise ValueError(
+        f"Could not find the decoder layers of {type(base).__name__}: looked for an nn.ModuleList at "
+        f"{', '.join(LAYER_CONTAINER_PATHS)}. Set `alp_layers_path` in ALPConfig to the dotted path of the "
+        "decoder-layer list relative to the causal LM (e.g. 'model.layers')."
+    )
+
+
+_PRESETS = ("all", "none", "early", "middle", "late")
+
+
+def _layer_ranges(spec: str | Sequence[int] | None) -> str | list[tuple[int, int]]:
+    """Syntax of a layer selection: a preset name, or inclusive ``(lo, hi)`` ranges. Raises on malformed input."""
+    if spec is None:
+        return "all"
+    if not isinstance(spec, str):
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
+            raise ValueError(f"alp_layers={spec!r}: a list selection must hold ints only.")
+        return [(i, i) for i in spec]
+    text = spec.strip().lower()
+    if text in _PRESETS:
+        return text
+    ranges = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if match is None:
+            raise ValueError(
+                f"alp_layers={spec!r} is malformed: use 'all', 'none', 'early', 'middle', 'late', an index "
+                "'3', an inclusive range '0-5', a comma-separated mix '0-2,7', or a list of ints."
+            )
+        lo = int(match.group(1))
+        hi = int(match.group(2)) if match.group(2) is not None else lo
+        if hi < lo:
+            raise ValueError(f"alp_layers={spec!r}: range '{part.strip()}' is empty (end before start).")
+        ranges.append((lo, hi))
+    return ranges
+
+
+def validate_layer_spec(spec: str | Sequence[int] | None) -> None:
+    """Check the syntax of a layer selection without knowing the model (config-time validation)."""
+    _layer_ranges(spec)
+
+
+def parse_layer_spec(spec: str | Sequence[int] | None, num_layers: int) -> list[int]:
+    """Turn a layer selection into sorted, unique layer indices of a `num_layers`-deep stack.
+
+    Accepted: ``"all"`` (or None), ``"none"``, ``"early"`` / ``"middle"`` / ``"late"`` (thirds of the stack),
+    ``"3"``, ``"0-5"`` (inclusive range), comma-separated mixes such as ``"0-2,7"``, or a list of ints.
+    """
+    parsed = _layer_ranges(spec)
+    if parsed == "all":
+        return list(range(num_layers))
+    if parsed == "none":
+        return []
+    if isinstance(parsed, str):  # thirds of the stack; each preset keeps at least one layer
+        bounds = {"early": (0, 1), "middle": (1, 2), "late": (2, 3)}[parsed]
+        start, stop = (round(b * num_layers / 3) for b in bounds)
+        return list(range(min(start, num_layers - 1), max(stop, start + 1)))
+    indices = sorted({i for lo, hi in parsed for i in range(lo, hi + 1)})
+    bad = [i for i in indices if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"alp_layers={spec!r} selects layers {bad}, but the model has layers 0..{num_layers - 1}.")
+    return indices
+
+
+def noise_seed(seed: int, step: int, micro_step: int, layer: int, rank: int) -> int:
+    """Mix the noise coordinates into one 63-bit generator seed (splitmix64 finaliser over each coordinate)."""
+    x = 0x9E3779B97F4A7C15
+    for value in (seed, step, micro_step, layer, rank):
+        x = (x ^ (value & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+        x = x * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 29
+    return x & _MASK64
+
+
+def seeded_noise(shape: torch.Size, seed: int, device: torch.device) -> torch.Tensor:
+    """Standard normal noise in fp32, fully determined by `seed`, `shape` and `device`."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+
+class _AddSeededNoise(torch.autograd.Function):
+    """``h + σ · ε`` whose backward regenerates ε from its seed instead of saving it (dL/dσ = Σ dL/dh' · ε)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, sigma: torch.Tensor, seed: int) -> torch.Tensor:
+        ctx.seed, ctx.shape, ctx.device = seed, hidden.shape, hidden.device
+        noise = seeded_noise(hidden.shape, seed, hidden.device)
+        return hidden + (sigma.float() * noise).to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_sigma = None
+        if ctx.needs_input_grad[1]:
+            noise = seeded_noise(ctx.shape, ctx.seed, ctx.device)
+            grad_sigma = (grad_output.float() * noise).sum().reshape(1)
+        return grad_output, grad_sigma, None
+
+
+def add_seeded_noise(hidden: torch.Tensor, sigma: torch.Tensor, seed: int) -> torch.Tensor:
+    """Return ``hidden + sigma * ε(seed)``, differentiable in `hidden` and `sigma` (a one-element tensor)."""
+    return _AddSeededNoise.apply(hidden, sigma.reshape(1), seed)
+
+
+class LayerPerturbation(nn.Module):
+    """One learnable noise scale per selected decoder layer, applied through forward pre-hooks.
+
+    It is deliberately *not* a submodule of the model: σ is neither saved with the model weights nor sent to vLLM
+    by weight sync. Its parameter is ``log_sigma`` (σ = exp(log_sigma) > 0).
+    """
+
+    def __init__(
+        self,
+        layers: nn.ModuleList,
+        layer_indices: Sequence[int],
+        init_sigma: float = 0.02,
+        learnable: bool = True,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not (math.isfinite(init_sigma) and init_sigma > 0):
+            raise ValueError(f"alp_init_sigma must be a finite number > 0, got {init_sigma!r}")
+        self.layer_indices = list(layer_indices)
+        self._layers = [layers[i] for i in self.layer_indices]  # plain list: not registered as submodules
+        self.log_sigma = nn.Parameter(
+            torch.full((len(self.layer_indices),), math.log(init_sigma), dtype=torch.float32),
+            requires_grad=learnable,
+        )
+        self.seed = seed
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._coords: tuple[int, int, int] | None = None
+        self._suspended = 0
+        self.applied = [0] * len(self.layer_indices)  # hook applications per layer since the last `active()`
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        return self.log_sigma.detach().exp()
+
+    @property
+    def is_active(self) -> bool:
+        return bool(self._handles)
+
+    def _make_hook(self, slot: int):
+        def hook(module, args, kwargs):
+            if self._coords is None or self._suspended or not torch.is_grad_enabled():
+                return None
+            step, micro_step, rank = self._coords
+            seed = noise_seed(self.seed, step, micro_step, self.layer_indices[slot], rank)
+            sigma = self.log_sigma[slot].exp().to(self.log_sigma.device)
+            self.applied[slot] += 1
+            if args:
+                return (add_seeded_noise(args[0], sigma.to(args[0].device), seed), *args[1:]), kwargs
+            if "hidden_states" in kwargs:
+                hidden = kwargs["hidden_states"]
+                return args, {**kwargs, "hidden_states": add_seeded_noise(hidden, sigma.to(hidden.device), seed)}
+            raise RuntimeError(
+                f"Decoder layer {self.layer_indices[slot]} ({type(module).__name__}) was called without hidden "
+                "states as first positional argument or `hidden_states=` keyword; ALP cannot perturb it."
+            )
+
+        return hook
+
+    @contextlib.contextmanager
+    def active(self, step: int, micro_step: int, rank: int = 0) -> Iterator[LayerPerturbation]:
+        """Register the hooks for one training micro-step (forward *and* backward) and always remove them."""
+        if self._handles:
+            raise RuntimeError("LayerPerturbation.active() is not re-entrant.")
+        self._coords = (int(step), int(micro_step), int(rank))
+        self.applied = [0] * len(self.layer_indices)
+        try:
+            for slot, layer in enumerate(self._layers):
+                self._handles.append(layer.register_forward_pre_hook(self._make_hook(slot), with_kwargs=True))
+            yield self
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            self._coords = None
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Turn the hooks into no-ops (for generation and no-grad passes that run inside a training step)."""
+        self._suspended += 1
+        try:
+            yield
+        finally:
+            self._suspended -= 1

@@ -1,0 +1,371 @@
+"""`ALPGRPOTrainer`: TRL's `GRPOTrainer` with the Adaptive Layerwise Perturbation ratio."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOConfig, GRPOTrainer
+
+from .config import ALPConfig
+from .loss import aggregate_loss, alp_log_weights, clipped_surrogate, k3_kl, sequence_log_ratio
+from .metrics import mismatch_stats, quantile_stats
+from .perturbation import LayerPerturbation, find_decoder_layers, parse_layer_spec
+from .rollout import record_generate_logprobs
+
+logger = logging.getLogger(__name__)
+
+ALP_STATE_FILE = "alp_state.json"
+
+# Extra model inputs (multimodal) that TRL forwards to `_get_per_token_logps_and_entropies` in the loss.
+_FORWARD_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+
+class _SigmaGradSync(TrainerCallback):
+    """Average σ's gradient across processes right before the optimizer step (σ lives outside the DDP model)."""
+
+    def __init__(self, trainer: ALPGRPOTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        log_sigma = self.trainer.alp_perturbation.log_sigma
+        accelerator = self.trainer.accelerator
+        if log_sigma.requires_grad and accelerator.num_processes > 1:
+            grad = log_sigma.grad if log_sigma.grad is not None else torch.zeros_like(log_sigma)
+            log_sigma.grad = accelerator.reduce(grad, reduction="mean")
+
+
+class ALPGRPOTrainer(GRPOTrainer):
+    """Drop-in replacement for `trl.GRPOTrainer` that trains with the ALP importance ratio.
+
+    Swap the class name and keep everything else. A plain `GRPOConfig` is upgraded to an `ALPConfig` with the ALP
+    defaults (see `ALPConfig` for which TRL fields the ALP ratio replaces). σ is kept outside the model: it is not in
+    the saved weights nor in vLLM's weight sync; it is saved in ``alp_state.json`` in every checkpoint and in the
+    output directory, restored by ``resume_from_checkpoint``, and stepped by its own group of the main optimizer.
+    """
+
+    _tag_names = ["trl", "grpo", "alp"]
+    _name = "ALP-GRPO"
+
+    def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *trainer_args, **trainer_kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
+            args = ALPConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-ALP")
+        elif not isinstance(args, ALPConfig):
+            logger.warning(
+                "ALPGRPOTrainer got a plain GRPOConfig: training with the ALP defaults (correction='seq-alp', "
+                "σ₀=0.02, clip [0.5, 4.0], dual clip 10). Use ALPConfig to change them."
+            )
+            args = ALPConfig.from_grpo_config(args)
+        self.correction = args.parsed_correction
+        _check_compatible(args)
+
+        super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
+
+        layers_path, layers = find_decoder_layers(self.model, args.alp_layers_path)
+        indices = parse_layer_spec(args.alp_layers, len(layers)) if self.correction.perturbs else []
+        self.alp_perturbation = LayerPerturbation(
+            layers,
+            indices,
+            init_sigma=args.alp_init_sigma,
+            learnable=args.alp_learn_sigma and bool(indices),
+            seed=args.seed if args.alp_noise_seed is None else args.alp_noise_seed,
+        ).to(self.accelerator.device)
+        logger.info("ALP: correction=%s, perturbing %s of %s", self.correction.name, indices, layers_path)
+        if self.alp_perturbation.log_sigma.requires_grad and self.optimizer is not None:
+            raise ValueError(
+                "ALPGRPOTrainer builds σ's optimizer group itself: pass optimizers=(None, None), or set "
+                "alp_learn_sigma=False to keep σ fixed with your own optimizer."
+            )
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            logger.info("ALP replaces TRL's vLLM importance-sampling correction; it is turned off.")
+            self.vllm_importance_sampling_correction = False
+        if self.top_p < 1.0 or (self.top_k or 0) > 0 or self.min_p is not None:
+            logger.warning(
+                "top_p/top_k/min_p truncate the sampling distribution; the rollout log-probs of the ALP ratio are "
+                "those of the untruncated temperature-scaled distribution (the same form as the numerator), so the "
+                "ratio ignores the truncation."
+            )
+        self._alp_skip_old_pass = False
+        self.add_callback(_SigmaGradSync(self))
+
+    # ----------------------------------------------------------------------------------------------- optimizer
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        log_sigma = self.alp_perturbation.log_sigma
+        if log_sigma.requires_grad and not any(p is log_sigma for g in optimizer.param_groups for p in g["params"]):
+            optimizer.add_param_group(
+                {
+                    "params": [log_sigma],
+                    "lr": self.args.alp_sigma_learning_rate,
+                    "weight_decay": self.args.alp_sigma_weight_decay,
+                }
+            )
+        return optimizer
+
+    # ------------------------------------------------------------------------------------ perturbation scope
+    def training_step(self, model, inputs, num_items_in_batch):
+        """Arm the hooks for this micro-step's forward *and* backward (so a recomputation sees the same noise)."""
+        micro_step = self._step % max(self.current_gradient_accumulation_steps, 1)
+        with self.alp_perturbation.active(self.state.global_step, micro_step, self.accelerator.process_index):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def _prepare_inputs(self, generation_batch):
+        # Generation, old and reference log-prob passes run here: never perturbed.
+        with self.alp_perturbation.suspended():
+            return super()._prepare_inputs(generation_batch)
+
+    # ----------------------------------------------------------------------------------- rollout log-probs
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if self.use_vllm or self.use_transformers_continuous_batching:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        target = self.accelerator.unwrap_model(self.model_wrapped)
+        with record_generate_logprobs(target, self.temperature) as recorder:
+            completion_ids, _ = super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        logps = recorder.results[-1].cpu()
+        return completion_ids, [row[: len(ids)].tolist() for row, ids in zip(logps, completion_ids, strict=True)]
+
+    def _generate_and_score_completions(self, inputs):
+        # The ALP denominator is the rollout log-probs, so TRL's extra no-grad "old" log-prob pass is not needed.
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        self._alp_skip_old_pass = self.args.gradient_accumulation_steps % generate_every != 0 or (
+            self.use_vllm and self.vllm_importance_sampling_correction
+        )
+        try:
+            return super()._generate_and_score_completions(inputs)
+        finally:
+            self._alp_skip_old_pass = False
+
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        if self._alp_skip_old_pass:  # the first pass of `_generate_and_score_completions` is the "old" one
+            self._alp_skip_old_pass = False
+            return None, None, None
+        return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------- loss
+    def _compute_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+
+        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            completion_ids.size(1),
+            compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+            **{key: inputs.get(key) for key in _FORWARD_KEYS},
+        )
+        rollout_logps = inputs.get("sampling_per_token_logps")
+        if rollout_logps is None:
+            raise RuntimeError(
+                f"correction={self.correction.name!r} needs the log-probs the rollout engine reported, but this "
+                "batch has none (a custom rollout_func must return 'logprobs')."
+            )
+        # Tokens the engine could not score (NaN/inf) carry no ratio: drop them from the loss.
+        mask = mask * torch.isfinite(rollout_logps)
+        rollout_logps = torch.nan_to_num(rollout_logps, nan=0.0, posinf=0.0, neginf=0.0)
+        advantages = inputs["advantages"]
+        advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+
+        level = self.correction.level
+        log_weights = alp_log_weights(per_token_logps, rollout_logps, mask, level)
+        args = self.args
+        clip_stats = None
+        if self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+            per_token_loss, clip_stats = clipped_surrogate(
+                log_weights, advantages, args.alp_epsilon_low, args.alp_epsilon_high, args.alp_dual_clip
+            )
+        elif self.loss_type == "cispo":
+            capped = torch.clamp(torch.exp(log_weights), max=1 + args.alp_epsilon_high).detach()
+            per_token_loss = -capped * advantages * per_token_logps
+        elif self.loss_type == "sapo":
+            temperatures = torch.where(advantages > 0, args.sapo_temperature_pos, args.sapo_temperature_neg)
+            per_token_loss = -torch.sigmoid(temperatures * (torch.exp(log_weights) - 1)) * 4 / temperatures * advantages
+        elif self.loss_type == "vespo":
+            phi = self.get_gamma_weights(
+                advantages,
+                per_token_logps - rollout_logps,
+                mask,
+                None,
+                k_pos=args.vespo_k_pos,
+                lambda_pos=args.vespo_lambda_pos,
+                k_neg=args.vespo_k_neg,
+                lambda_neg=args.vespo_lambda_neg,
+            )
+            per_token_loss = -phi * advantages * per_token_logps
+        else:
+            raise ValueError(f"Unknown loss_type {self.loss_type!r}")
+
+        if self.top_entropy_quantile < 1.0:
+            per_token_loss = per_token_loss * self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+        if self.off_policy_mask_threshold is not None:
+            per_token_loss = per_token_loss * self.get_off_policy_mask(
+                advantages, per_token_logps, rollout_logps, mask, self.off_policy_mask_threshold
+            )
+        if self.beta != 0.0:
+            per_token_kl = k3_kl(per_token_logps, inputs["ref_per_token_logps"])
+            if args.use_bias_correction_kl:
+                per_token_kl = per_token_kl * torch.exp(log_weights).detach()
+            per_token_loss = per_token_loss + self.beta * per_token_kl
+
+        training = mode == "train"
+        loss, policy_loss = aggregate_loss(
+            per_token_loss,
+            mask,
+            self.loss_type,
+            accumulation_steps=self.current_gradient_accumulation_steps if training else 1,
+            num_items_in_batch=inputs["num_items_in_batch"],
+            num_processes=self.accelerator.num_processes,
+            steps_per_generation=args.steps_per_generation if training else 1,
+            max_completion_length=self.max_completion_length,
+        )
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / (self.current_gradient_accumulation_steps if training else 1)
+
+        self._log_alp_metrics(mode, per_token_logps, rollout_logps, mask, entropies, clip_stats, policy_loss)
+        if self.beta != 0.0:
+            self._metrics[mode]["kl"].append(self._global_masked_mean(per_token_kl, mask))
+        return loss
+
+    # ---------------------------------------------------------------------------------------------- metrics
+    def _global_masked_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
+        values = values.expand_as(mask).float()
+        local = torch.stack([(values * mask).sum(), mask.sum().float()])
+        total, count = self.accelerator.reduce(local, reduction="sum").tolist()
+        return total / max(count, 1.0)
+
+    def _gather_flat(self, values: torch.Tensor) -> torch.Tensor:
+        """Gather 1-D tensors of different lengths from every process (NaN-padded)."""
+        values = values.detach().float().contiguous()
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.pad_across_processes(values, dim=0, pad_index=math.nan)
+            values = self.accelerator.gather(values)
+        return values
+
+    def _log_alp_metrics(self, mode, per_token_logps, rollout_logps, mask, entropies, clip_stats, policy_loss):
+        metrics = self._metrics[mode]
+        valid = mask.bool()
+        token_log_ratio = (per_token_logps.detach() - rollout_logps)[valid].clamp(-20.0, 20.0)
+        seq_log_ratio = sequence_log_ratio(per_token_logps.detach(), rollout_logps, mask, "sequence")
+        seq_mean_log_ratio = seq_log_ratio / mask.sum(-1).clamp(min=1.0)
+        token_log_ratio = self._gather_flat(token_log_ratio)
+        seq_log_ratio = self._gather_flat(seq_log_ratio)
+        seq_mean_log_ratio = self._gather_flat(seq_mean_log_ratio)
+        for name, value in quantile_stats(torch.exp(token_log_ratio)).items():
+            metrics[f"alp/ratio/token/{name}"].append(value)
+        for name, value in quantile_stats(torch.exp(seq_log_ratio)).items():
+            metrics[f"alp/ratio/seq/{name}"].append(value)
+        for name, value in mismatch_stats(token_log_ratio, seq_mean_log_ratio).items():
+            metrics[f"alp/mismatch/{name}"].append(value)
+
+        if clip_stats is not None:
+            low = self._global_masked_mean(clip_stats["low"], mask)
+            high = self._global_masked_mean(clip_stats["high"], mask)
+            metrics["alp/clip/low"].append(low)
+            metrics["alp/clip/high"].append(high)
+            metrics["alp/clip/dual"].append(self._global_masked_mean(clip_stats["dual"], mask))
+            metrics["clip_ratio/low_mean"].append(low)
+            metrics["clip_ratio/high_mean"].append(high)
+            metrics["clip_ratio/region_mean"].append(
+                self._global_masked_mean(clip_stats["low"] | clip_stats["high"], mask)
+            )
+        metrics["entropy"].append(self._global_masked_mean(entropies, mask))
+        metrics["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+
+        sigma = self.alp_perturbation.sigma
+        if sigma.numel():
+            for index, value in zip(self.alp_perturbation.layer_indices, sigma.tolist(), strict=True):
+                metrics[f"alp/sigma/layer_{index}"].append(value)
+            metrics["alp/sigma/min"].append(sigma.min().item())
+            metrics["alp/sigma/mean"].append(sigma.mean().item())
+            metrics["alp/sigma/max"].append(sigma.max().item())
+
+    # ------------------------------------------------------------------------------------ saving / loading
+    def alp_state(self) -> dict:
+        """σ and the perturbed layers, as saved in ``alp_state.json``."""
+        p = self.alp_perturbation
+        return {"layer_indices": p.layer_indices, "log_sigma": p.log_sigma.tolist(), "sigma": p.sigma.tolist()}
+
+    def _write_alp_state(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, ALP_STATE_FILE), "w") as f:
+            json.dump(self.alp_state(), f, indent=2)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            self._write_alp_state(os.path.join(self._get_output_dir(trial=trial), checkpoint))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save and not _internal_call:
+            self._write_alp_state(output_dir or self.args.output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, ALP_STATE_FILE) if checkpoint is not None else None
+        if path is not None and os.path.exists(path):
+            with open(path) as f:
+                state = json.load(f)
+            if state["layer_indices"] != self.alp_perturbation.layer_indices:
+                raise ValueError(
+                    f"Checkpoint {checkpoint} perturbs layers {state['layer_indices']}, but this run perturbs "
+                    f"{self.alp_perturbation.layer_indices}; resume with the same alp_layers."
+                )
+            with torch.no_grad():
+                self.alp_perturbation.log_sigma.copy_(torch.tensor(state["log_sigma"]))
+
+
+def _check_compatible(args: ALPConfig) -> None:
+    """Reject TRL options the ALP ratio cannot honour, before the model is loaded."""
+    if args.delta is not None:
+        raise ValueError(
+            f"delta={args.delta} is TRL's two-sided clip; with correction={args.correction!r} use alp_dual_clip."
+        )
+    if args.importance_sampling_level != "token":
+        raise ValueError(
+            f"importance_sampling_level={args.importance_sampling_level!r} selects TRL's ratio; with "
+            f"correction={args.correction!r} the level is part of the correction: use 'seq-alp', 'token-alp' or "
+            "'geo-alp'."
+        )
+    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
+        raise ValueError(
+            "entropy_coef / use_adaptive_entropy (TRL's entropy bonus) are not supported by ALPGRPOTrainer yet: "
+            "set entropy_coef=0.0 and use_adaptive_entropy=False."
+        )
+    if args.use_transformers_continuous_batching:
+        raise ValueError(
+            "use_transformers_continuous_batching=True returns no rollout log-probs, which the ALP ratio needs: "
+            "use the default transformers generate path or use_vllm=True."
+        )
+    if args.epsilon != 0.2 or args.epsilon_high is not None and args.epsilon_high != args.epsilon:
+        logger.warning(
+            "epsilon/epsilon_high are TRL's clip and are not used by correction=%r: the ALP ratio is clipped with "
+            "alp_epsilon_low=%s, alp_epsilon_high=%s.",
+            args.correction,
+            args.alp_epsilon_low,
+            args.alp_epsilon_high,
+        )
