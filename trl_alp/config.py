@@ -113,7 +113,7 @@ class ALPConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        # ALP fields first: a typo fails in a second, before TRL/transformers set up devices.
         if self.correction not in CORRECTIONS:
             raise ValueError(f"correction must be one of {list(CORRECTIONS)}, got {self.correction!r}")
         _check_finite("alp_init_sigma", self.alp_init_sigma, positive=True)
@@ -131,6 +131,7 @@ class ALPConfig(GRPOConfig):
                     f"got {self.alp_dual_clip!r} (or None to disable it)"
                 )
         validate_layer_spec(self.alp_layers)  # the trainer checks the range against the model
+        super().__post_init__()
 
     @property
     def parsed_correction(self) -> Correction:

@@ -44,10 +44,16 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
 TINY_CONFIGS = {
     "llama": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2, intermediate_size=128),
     "qwen2": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, intermediate_size=128),
-    "qwen3": dict(model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, head_dim=16),
+    "qwen3": dict(
+        model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, head_dim=16
+    ),
     "mistral": dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2, intermediate_size=128),
-    "gemma": dict(model_type="gemma", num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, head_dim=16),
-    "gemma2": dict(model_type="gemma2", num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, head_dim=16),
+    "gemma": dict(
+        model_type="gemma", num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, head_dim=16
+    ),
+    "gemma2": dict(
+        model_type="gemma2", num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, head_dim=16
+    ),
     "gemma3_text": dict(
         model_type="gemma3_text", num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, head_dim=16
     ),

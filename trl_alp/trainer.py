@@ -37,8 +37,8 @@ _FORWARD_KEYS = (
 )
 
 
-class _SigmaGradSync(TrainerCallback):
-    """Average σ's gradient across processes right before the optimizer step (σ lives outside the DDP model)."""
+class _SigmaGradCallback(TrainerCallback):
+    """σ lives outside the (DDP) model, so the Trainer neither all-reduces nor zeroes its gradient: do both here."""
 
     def __init__(self, trainer: ALPGRPOTrainer):
         self.trainer = trainer
@@ -49,6 +49,9 @@ class _SigmaGradSync(TrainerCallback):
         if log_sigma.requires_grad and accelerator.num_processes > 1:
             grad = log_sigma.grad if log_sigma.grad is not None else torch.zeros_like(log_sigma)
             log_sigma.grad = accelerator.reduce(grad, reduction="mean")
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.alp_perturbation.log_sigma.grad = None  # the Trainer only calls model.zero_grad()
 
 
 class ALPGRPOTrainer(GRPOTrainer):
@@ -103,7 +106,7 @@ class ALPGRPOTrainer(GRPOTrainer):
                 "ratio ignores the truncation."
             )
         self._alp_skip_old_pass = False
-        self.add_callback(_SigmaGradSync(self))
+        self.add_callback(_SigmaGradCallback(self))
 
     # ----------------------------------------------------------------------------------------------- optimizer
     def create_optimizer(self, model=None):
@@ -134,7 +137,9 @@ class ALPGRPOTrainer(GRPOTrainer):
     # ----------------------------------------------------------------------------------- rollout log-probs
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if self.use_vllm or self.use_transformers_continuous_batching:
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
         target = self.accelerator.unwrap_model(self.model_wrapped)
         with record_generate_logprobs(target, self.temperature) as recorder:
             completion_ids, _ = super()._generate_single_turn(
@@ -166,7 +171,9 @@ class ALPGRPOTrainer(GRPOTrainer):
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        mask = (
+            inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        )
 
         per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model,
@@ -202,7 +209,9 @@ class ALPGRPOTrainer(GRPOTrainer):
             per_token_loss = -capped * advantages * per_token_logps
         elif self.loss_type == "sapo":
             temperatures = torch.where(advantages > 0, args.sapo_temperature_pos, args.sapo_temperature_neg)
-            per_token_loss = -torch.sigmoid(temperatures * (torch.exp(log_weights) - 1)) * 4 / temperatures * advantages
+            per_token_loss = (
+                -torch.sigmoid(temperatures * (torch.exp(log_weights) - 1)) * 4 / temperatures * advantages
+            )
         elif self.loss_type == "vespo":
             phi = self.get_gamma_weights(
                 advantages,
@@ -219,7 +228,9 @@ class ALPGRPOTrainer(GRPOTrainer):
             raise ValueError(f"Unknown loss_type {self.loss_type!r}")
 
         if self.top_entropy_quantile < 1.0:
-            per_token_loss = per_token_loss * self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+            per_token_loss = per_token_loss * self.get_high_entropy_mask(
+                entropies, mask, 1 - self.top_entropy_quantile
+            )
         if self.off_policy_mask_threshold is not None:
             per_token_loss = per_token_loss * self.get_off_policy_mask(
                 advantages, per_token_logps, rollout_logps, mask, self.off_policy_mask_threshold
@@ -242,7 +253,9 @@ class ALPGRPOTrainer(GRPOTrainer):
             max_completion_length=self.max_completion_length,
         )
         if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * aux_loss / (self.current_gradient_accumulation_steps if training else 1)
+            loss = loss + self.router_aux_loss_coef * aux_loss / (
+                self.current_gradient_accumulation_steps if training else 1
+            )
 
         self._log_alp_metrics(mode, per_token_logps, rollout_logps, mask, entropies, clip_stats, policy_loss)
         if self.beta != 0.0:

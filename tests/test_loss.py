@@ -1,0 +1,110 @@
+"""The ratio/clip/aggregation math against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from trl_alp.loss import aggregate_loss, alp_log_weights, clipped_surrogate, k3_kl, sequence_log_ratio
+
+LOGPS = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -0.3, 0.0]])
+ROLLOUT = torch.tensor([[-1.5, -1.0, -0.5], [-0.4, -0.1, -9.0]])
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+
+
+def test_token_level_is_the_token_log_ratio():
+    expected = torch.tensor([[0.5, -1.0, 0.0], [0.2, -0.2, 9.0]])
+    torch.testing.assert_close(alp_log_weights(LOGPS, ROLLOUT, MASK, "token"), expected)
+
+
+def test_token_level_clamps_at_20():
+    out = alp_log_weights(torch.tensor([[0.0, -50.0]]), torch.tensor([[-50.0, 0.0]]), torch.ones(1, 2), "token")
+    torch.testing.assert_close(out, torch.tensor([[20.0, -20.0]]))
+
+
+def test_sequence_level_value_is_the_product_and_gradient_is_per_token():
+    logps = LOGPS.clone().requires_grad_(True)
+    out = alp_log_weights(logps, ROLLOUT, MASK, "sequence")
+    # row 0: 0.5 - 1.0 + 0.0 = -0.5 ; row 1 (third token masked): 0.2 - 0.2 = 0.0
+    torch.testing.assert_close(out.detach(), torch.tensor([[-0.5] * 3, [0.0] * 3]))
+    torch.testing.assert_close(torch.exp(out.detach()[0, 0]), torch.tensor(math.exp(0.5) * math.exp(-1.0)))
+    out.sum().backward()  # d log w_t / d log π_s = 1 if s == t else 0
+    torch.testing.assert_close(logps.grad, torch.ones_like(logps))
+
+
+def test_geometric_level_divides_by_length():
+    out = alp_log_weights(LOGPS, ROLLOUT, MASK, "geometric")
+    torch.testing.assert_close(out, torch.tensor([[-0.5 / 3] * 3, [0.0] * 3]))
+
+
+def test_sequence_log_ratio_clamps_the_sum():
+    out = sequence_log_ratio(torch.zeros(1, 4), torch.full((1, 4), -6.0), torch.ones(1, 4), "sequence")
+    assert out.item() == 20.0  # 24 clamped
+
+
+def test_unknown_level_raises():
+    with pytest.raises(ValueError, match="token"):
+        alp_log_weights(LOGPS, ROLLOUT, MASK, "segment")
+
+
+def test_clipped_surrogate_hand_values():
+    log_w = torch.log(torch.tensor([[0.3, 1.0, 5.0, 20.0]]))
+    # positive advantage: -min(rA, clip(r)A) with clip [0.5, 4.0]
+    loss, stats = clipped_surrogate(log_w, torch.tensor([2.0]), 0.5, 3.0, dual_clip=10.0)
+    torch.testing.assert_close(loss, torch.tensor([[-0.6, -2.0, -8.0, -8.0]]))
+    assert stats["high"].tolist() == [[False, False, True, True]]
+    assert not stats["low"].any() and not stats["dual"].any()
+    # negative advantage: |A|·max(r, clip(r)), capped at c·|A| by the dual clip
+    loss, stats = clipped_surrogate(log_w, torch.tensor([-2.0]), 0.5, 3.0, dual_clip=10.0)
+    torch.testing.assert_close(loss, torch.tensor([[1.0, 2.0, 10.0, 20.0]]))
+    assert stats["low"].tolist() == [[True, False, False, False]]
+    assert stats["dual"].tolist() == [[False, False, False, True]]
+    loss, _ = clipped_surrogate(log_w, torch.tensor([-2.0]), 0.5, 3.0, dual_clip=None)
+    assert loss[0, 3].item() == pytest.approx(40.0)
+
+
+def test_dual_clip_zeroes_the_gradient_of_huge_negative_ratios():
+    log_w = torch.log(torch.tensor([[2.0, 50.0]])).requires_grad_(True)
+    loss, _ = clipped_surrogate(log_w, torch.tensor([-1.0]), 0.5, 3.0, dual_clip=10.0)
+    loss.sum().backward()
+    assert log_w.grad[0, 0].item() == pytest.approx(2.0)  # d(r)/d(log r) = r
+    assert log_w.grad[0, 1].item() == 0.0
+
+
+def test_k3_matches_formula():
+    out = k3_kl(torch.tensor([-1.0]), torch.tensor([-1.5]))
+    assert out.item() == pytest.approx(math.exp(-0.5) + 0.5 - 1)
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "expected"),
+    [
+        ("grpo", ((1 + 2 + 3) / 3 + (4 + 5) / 2) / 2 / 2),  # mean of sequence means, / accumulation
+        ("sapo", ((1 + 2 + 3) / 3 + (4 + 5) / 2) / 2 / 2),
+        ("bnpo", 15 / 5 / 2),
+        ("dr_grpo", 15 / (2 * 4) / 2),
+        ("luspo", (6 + 9) / 2 / 2),
+        ("dapo", 15 / (10 / 2 * 2 / 4)),  # num_items / processes * accumulation / steps_per_generation
+        ("cispo", 15 / (10 / 2 * 2 / 4)),
+        ("vespo", 15 / (10 / 2 * 2 / 4)),
+    ],
+)
+def test_aggregate_loss_matches_trl_normalisers(loss_type, expected):
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    loss, _ = aggregate_loss(
+        per_token,
+        mask,
+        loss_type,
+        accumulation_steps=2,
+        num_items_in_batch=torch.tensor(10.0),
+        num_processes=2,
+        steps_per_generation=4,
+        max_completion_length=4,
+    )
+    assert loss.item() == pytest.approx(expected)
+
+
+def test_aggregate_loss_rejects_unknown_type():
+    with pytest.raises(ValueError, match="grpo, bnpo"):
+        aggregate_loss(torch.ones(1, 1), torch.ones(1, 1), "ppo")

@@ -1,0 +1,262 @@
+"""Layer discovery, layer selection, seeded noise and the hooks, on tiny models of every supported architecture."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from trl_alp.perturbation import (
+    LayerPerturbation,
+    add_seeded_noise,
+    find_decoder_layers,
+    noise_seed,
+    parse_layer_spec,
+    seeded_noise,
+    validate_layer_spec,
+)
+from trl_alp.tiny import TINY_CONFIGS, build_tiny_model
+
+EXPECTED_PATHS = {
+    "llama": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "mistral": "model.layers",
+    "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "gemma3_text": "model.layers",
+    "phi3": "model.layers",
+    "gpt2": "transformer.h",
+    "gpt_neox": "gpt_neox.layers",
+    "opt": "model.decoder.layers",
+}
+
+
+class DDPLike(nn.Module):
+    """Stands in for DistributedDataParallel / DeepSpeed engines, which expose the model as `.module`."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_layers_found_and_perturbed_on_every_architecture(tokenizer, model_type):
+    assert set(EXPECTED_PATHS) == set(TINY_CONFIGS)
+    model = build_tiny_model(tokenizer, model_type, num_layers=3).eval()
+    path, layers = find_decoder_layers(DDPLike(model))
+    assert path == EXPECTED_PATHS[model_type]
+    assert len(layers) == 3
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    clean = model(ids).logits
+    perturbation = LayerPerturbation(layers, [0, 2], init_sigma=0.5)
+    with perturbation.active(step=0, micro_step=0):
+        noisy = model(ids).logits
+    assert perturbation.applied == [1, 1]  # once per selected layer
+    assert not torch.allclose(clean, noisy)
+    torch.testing.assert_close(model(ids).logits, clean)  # hooks removed: back to the base model
+
+
+def test_layers_found_under_peft(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build_tiny_model(tokenizer, "llama"), LoraConfig(r=4, target_modules=["q_proj"]))
+    path, layers = find_decoder_layers(DDPLike(model))
+    assert path == "model.layers"
+    assert layers is model.get_base_model().model.layers
+
+
+def test_missing_layers_error_names_paths_and_field():
+    with pytest.raises(ValueError, match=r"model\.layers.*transformer\.h.*alp_layers_path"):
+        find_decoder_layers(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="alp_layers_path='blocks'"):
+        find_decoder_layers(nn.Linear(2, 2), path="blocks")
+
+
+def test_explicit_layers_path(tokenizer):
+    model = build_tiny_model(tokenizer, "qwen2")
+    path, layers = find_decoder_layers(model, "model.layers")
+    assert path == "model.layers" and layers is model.model.layers
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("all", list(range(9))),
+        (None, list(range(9))),
+        ("none", []),
+        ("0-5", [0, 1, 2, 3, 4, 5]),
+        ("3", [3]),
+        ("0-1, 7", [0, 1, 7]),
+        ([4, 2, 2], [2, 4]),
+        ("early", [0, 1, 2]),
+        ("middle", [3, 4, 5]),
+        ("late", [6, 7, 8]),
+    ],
+)
+def test_parse_layer_spec(spec, expected):
+    assert parse_layer_spec(spec, 9) == expected
+
+
+def test_presets_keep_at_least_one_layer():
+    assert parse_layer_spec("early", 2) == [0] and parse_layer_spec("late", 2) == [1]
+    assert parse_layer_spec("middle", 1) == [0]
+
+
+@pytest.mark.parametrize("spec", ["0-", "a", "5-2", "1;2", [1.5]])
+def test_malformed_layer_specs(spec):
+    with pytest.raises(ValueError, match="alp_layers"):
+        validate_layer_spec(spec)
+
+
+def test_out_of_range_layers():
+    with pytest.raises(ValueError, match=r"selects layers \[9\].*0\.\.8"):
+        parse_layer_spec("7-9", 9)
+
+
+def test_noise_is_reproducible_and_distinct_per_coordinate():
+    shape = torch.Size([2, 3, 4])
+    a = seeded_noise(shape, noise_seed(0, 1, 2, 3, 0), torch.device("cpu"))
+    torch.testing.assert_close(a, seeded_noise(shape, noise_seed(0, 1, 2, 3, 0), torch.device("cpu")))
+    seeds = {noise_seed(0, 1, 2, 3, 0), noise_seed(0, 2, 2, 3, 0), noise_seed(0, 1, 3, 3, 0)}
+    seeds |= {noise_seed(0, 1, 2, 4, 0), noise_seed(0, 1, 2, 3, 1), noise_seed(1, 1, 2, 3, 0)}
+    assert len(seeds) == 6  # step, micro step, layer, rank and seed all change the noise
+    assert a.std().item() == pytest.approx(1.0, abs=0.5)
+
+
+def test_sigma_gradient_equals_the_stored_noise_formulation():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    weight = torch.randn(8, 8)
+    log_sigma = torch.tensor([-1.0], requires_grad=True)
+    seed = noise_seed(3, 1, 0, 2, 0)
+
+    out = add_seeded_noise(hidden, log_sigma.exp(), seed)
+    (out @ weight).pow(2).sum().backward()
+    grads = hidden.grad.clone(), log_sigma.grad.clone()
+
+    hidden.grad, log_sigma.grad = None, None
+    eps = seeded_noise(hidden.shape, seed, hidden.device)  # the plain formulation stores ε
+    ((hidden + log_sigma.exp() * eps) @ weight).pow(2).sum().backward()
+    torch.testing.assert_close(grads[0], hidden.grad)
+    torch.testing.assert_close(grads[1], log_sigma.grad)
+    assert grads[1].abs().item() > 0
+
+
+def test_hooks_skip_no_grad_and_suspended_forwards(tokenizer):
+    model = build_tiny_model(tokenizer)
+    _, layers = find_decoder_layers(model)
+    perturbation = LayerPerturbation(layers, [0, 1], init_sigma=1.0)
+    ids = torch.tensor([[5, 6, 7]])
+    clean = model(ids).logits.detach()
+    with perturbation.active(0, 0):
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, clean)
+        with perturbation.suspended():
+            torch.testing.assert_close(model(ids).logits.detach(), clean)
+        assert perturbation.applied == [0, 0]
+        model(ids)
+        assert perturbation.applied == [1, 1]
+
+
+def test_hooks_removed_when_the_step_raises(tokenizer):
+    model = build_tiny_model(tokenizer)
+    _, layers = find_decoder_layers(model)
+    perturbation = LayerPerturbation(layers, [0, 1])
+    with pytest.raises(KeyboardInterrupt), perturbation.active(0, 0):
+        assert all(len(layer._forward_pre_hooks) == 1 for layer in layers)
+        raise KeyboardInterrupt
+    assert all(len(layer._forward_pre_hooks) == 0 for layer in layers)
+    assert not perturbation.is_active
+
+
+def test_sigma_zero_gives_the_unperturbed_numerator_and_sigma_positive_differs(tokenizer):
+    model = build_tiny_model(tokenizer)
+    _, layers = find_decoder_layers(model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    clean = torch.log_softmax(model(ids).logits, -1)
+    perturbation = LayerPerturbation(layers, [0, 1], init_sigma=0.1)
+    with perturbation.active(0, 0):
+        noisy = torch.log_softmax(model(ids).logits, -1)
+    with torch.no_grad():
+        perturbation.log_sigma.fill_(-float("inf"))  # σ = exp(-inf) = 0
+    with perturbation.active(0, 0):
+        zero = torch.log_softmax(model(ids).logits, -1)
+    torch.testing.assert_close(zero, clean, rtol=0, atol=0)
+    assert (noisy - clean).abs().max().item() > 1e-4
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, hidden):
+        return torch.tanh(self.linear(hidden)) + hidden
+
+
+class CheckpointWrapper(nn.Module):
+    """Like FSDP's CheckpointWrapper: the whole module call (hooks included) is re-run in backward."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden):
+        return checkpoint(self.block, hidden, use_reentrant=False)
+
+
+class ForwardCheckpointed(nn.Module):
+    """Like transformers 5: only `forward` is checkpointed, so the pre-hook runs once, outside."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def _forward(self, hidden):
+        return torch.tanh(self.linear(hidden)) + hidden
+
+    def forward(self, hidden):
+        return checkpoint(self._forward, hidden, use_reentrant=False)
+
+
+def _grads(stack, hooked_layers, hidden):
+    perturbation = LayerPerturbation(hooked_layers, list(range(len(hooked_layers))), init_sigma=0.3)
+    with perturbation.active(5, 1):
+        out = hidden
+        for layer in stack:
+            out = layer(out)
+        out.pow(2).sum().backward()
+        applied = list(perturbation.applied)
+    grads = [p.grad.clone() for layer in stack for p in layer.parameters()]
+    for layer in stack:
+        layer.zero_grad()
+    return out.detach(), grads, perturbation.log_sigma.grad.clone(), applied
+
+
+def test_noise_identical_under_both_checkpointing_styles():
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([Block(), Block()])
+    hidden = torch.randn(2, 4, 8)
+    ref_out, ref_grads, ref_sigma, _ = _grads(list(blocks), blocks, hidden)
+
+    wrapped = nn.ModuleList([CheckpointWrapper(b) for b in blocks])  # hooks on the inner blocks re-run in backward
+    out, grads, sigma, applied = _grads(list(wrapped), blocks, hidden)
+    assert applied == [2, 2]  # forward + recomputation, both with the same noise
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(sigma, ref_sigma)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+    torch.manual_seed(0)
+    fwd = nn.ModuleList([ForwardCheckpointed(), ForwardCheckpointed()])
+    for f, b in zip(fwd, blocks):
+        f.linear.load_state_dict(b.linear.state_dict())
+    out, grads, sigma, applied = _grads(list(fwd), fwd, hidden)
+    assert applied == [1, 1]
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(sigma, ref_sigma)
+
+
+def test_invalid_init_sigma():
+    with pytest.raises(ValueError, match="alp_init_sigma"):
+        LayerPerturbation(nn.ModuleList([nn.Linear(1, 1)]), [0], init_sigma=0.0)

@@ -1,0 +1,262 @@
+"""End-to-end behaviour of ALPGRPOTrainer on a tiny in-code model (CPU, a few steps each)."""
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from trl import GRPOConfig, GRPOTrainer
+
+import trl_alp.perturbation as perturbation_module
+from trl_alp import ALPConfig, ALPGRPOTrainer
+from trl_alp.tiny import build_tiny_model
+
+
+def _hooks(trainer):
+    return sum(len(layer._forward_pre_hooks) for layer in trainer.alp_perturbation._layers)
+
+
+def _last(trainer, key):
+    values = [h[key] for h in trainer.state.log_history if key in h]
+    assert values, f"{key} was never logged"
+    return values[-1]
+
+
+def test_train_updates_sigma_and_logs_alp_metrics(make_trainer):
+    trainer = make_trainer(max_steps=3)
+    assert torch.allclose(trainer.alp_perturbation.sigma, torch.full((2,), 0.02))
+    trainer.train()
+    sigma = trainer.alp_perturbation.sigma
+    assert sigma.shape == (2,) and torch.isfinite(sigma).all()
+    assert not torch.allclose(sigma, torch.full((2,), 0.02))  # σ received gradients and stepped
+    for key in (
+        "alp/ratio/seq/q50",
+        "alp/ratio/token/q99",
+        "alp/mismatch/k3_kl",
+        "alp/clip/dual",
+        "alp/sigma/layer_1",
+    ):
+        assert math.isfinite(_last(trainer, key))
+    assert _last(trainer, "alp/sigma/layer_0") == pytest.approx(trainer.alp_perturbation.sigma[0].item(), rel=0.05)
+    assert _hooks(trainer) == 0  # nothing left on the model after train()
+
+
+def test_sigma_is_not_a_model_parameter_and_has_its_own_group(make_trainer):
+    trainer = make_trainer(max_steps=1, alp_sigma_learning_rate=0.05)
+    trainer.train()
+    names = [name for name, _ in trainer.model.named_parameters()]  # what vLLM weight sync iterates
+    assert not any("sigma" in name for name in names)
+    groups = [
+        g for g in trainer.optimizer.param_groups if any(p is trainer.alp_perturbation.log_sigma for p in g["params"])
+    ]
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.01 and len(groups[0]["params"]) == 1
+
+
+def test_noise_only_in_the_loss_forward_once_per_layer_per_micro_step(make_trainer, monkeypatch):
+    calls = []
+    original = perturbation_module.add_seeded_noise
+
+    def spy(hidden, sigma, seed):
+        calls.append((torch.is_grad_enabled(), trainer._in_loss))
+        return original(hidden, sigma, seed)
+
+    monkeypatch.setattr(perturbation_module, "add_seeded_noise", spy)
+    trainer = make_trainer(max_steps=2, gradient_accumulation_steps=2, steps_per_generation=2)
+    trainer._in_loss = False
+    compute_loss = trainer._compute_loss
+
+    def flagged(model, inputs):
+        trainer._in_loss = True
+        try:
+            return compute_loss(model, inputs)
+        finally:
+            trainer._in_loss = False
+
+    trainer._compute_loss = flagged
+    trainer.train()
+    assert len(calls) == 2 * 2 * 2  # layers x micro-steps x optimizer steps; generation never perturbed
+    assert all(grad and in_loss for grad, in_loss in calls)
+
+
+def test_bypass_at_step_zero_has_unit_ratio(make_trainer):
+    """No noise, fp32, no update yet: the training log-probs must equal the captured rollout log-probs."""
+    trainer = make_trainer(max_steps=1, correction="seq-bypass", learning_rate=0.0)
+    assert trainer.alp_perturbation.layer_indices == []
+    trainer.train()
+    assert _last(trainer, "alp/ratio/token/min") == pytest.approx(1.0, abs=1e-4)
+    assert _last(trainer, "alp/ratio/token/max") == pytest.approx(1.0, abs=1e-4)
+    assert _last(trainer, "alp/mismatch/k3_kl") == pytest.approx(0.0, abs=1e-6)
+
+
+def test_alp_noise_moves_the_ratio_away_from_one(make_trainer):
+    trainer = make_trainer(max_steps=1, alp_init_sigma=0.5, learning_rate=0.0)
+    trainer.train()
+    assert _last(trainer, "alp/mismatch/abs_logp_diff") > 1e-3
+
+
+def test_layers_none_is_bypass(make_trainer):
+    trainer = make_trainer(max_steps=1, alp_layers="none")
+    assert trainer.alp_perturbation.layer_indices == []
+    assert not trainer.alp_perturbation.log_sigma.requires_grad
+
+
+def test_frozen_sigma_does_not_move(make_trainer):
+    trainer = make_trainer(max_steps=2, alp_learn_sigma=False)
+    trainer.train()
+    torch.testing.assert_close(trainer.alp_perturbation.sigma, torch.full((2,), 0.02))
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [True, False])
+def test_lora_with_and_without_activation_checkpointing(make_trainer, gradient_checkpointing):
+    from peft import LoraConfig
+
+    trainer = make_trainer(
+        max_steps=2,
+        gradient_checkpointing=gradient_checkpointing,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # the adapter trained
+    assert not torch.allclose(trainer.alp_perturbation.sigma, torch.full((2,), 0.02))
+
+
+def test_old_logprob_pass_is_skipped_with_num_iterations_and_staleness(make_trainer):
+    """With num_iterations=2 TRL computes old log-probs (an extra no-grad forward); ALP does not need them."""
+    trainer = make_trainer(max_steps=4, num_iterations=2, steps_per_generation=2, gradient_accumulation_steps=1)
+    forwards = []
+    original = ALPGRPOTrainer._get_per_token_logps_and_entropies
+
+    def counting(self, model, *args, **kwargs):
+        out = original(self, model, *args, **kwargs)
+        if out[0] is not None:
+            forwards.append(torch.is_grad_enabled())
+        return out
+
+    trainer._get_per_token_logps_and_entropies = counting.__get__(trainer)
+    trainer.train()
+    assert forwards == [True] * 4  # only the loss forwards, one per micro-step
+    assert math.isfinite(_last(trainer, "alp/ratio/seq/max"))
+
+
+def test_grpo_trainer_does_the_old_pass_in_the_same_setting(make_trainer):
+    """Guards the previous test: TRL itself *does* run the extra pass there, so skipping it is a real saving."""
+    trainer = make_trainer(
+        trainer_cls=GRPOTrainer, config_cls=GRPOConfig, max_steps=2, num_iterations=2, steps_per_generation=2
+    )
+    calls = []
+    original = GRPOTrainer._get_per_token_logps_and_entropies
+    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (
+        calls.append(torch.is_grad_enabled()) or original(trainer, *a, **k)
+    )
+    trainer.train()
+    assert calls.count(False) >= 1
+
+
+def test_checkpoint_resume_restores_sigma_and_matches_an_uninterrupted_run(make_trainer, tmp_path):
+    full = make_trainer(max_steps=2, save_strategy="steps", save_steps=1, output_dir=str(tmp_path / "a"))
+    full.train()
+    saved = json.loads((tmp_path / "a" / "checkpoint-1" / "alp_state.json").read_text())
+    assert saved["layer_indices"] == [0, 1]
+    assert saved["sigma"] != [0.02, 0.02]
+
+    resumed = make_trainer(max_steps=2, output_dir=str(tmp_path / "b"))
+    loaded = []
+    original = resumed._load_optimizer_and_scheduler
+
+    def spy(checkpoint):
+        original(checkpoint)
+        loaded.append(resumed.alp_perturbation.log_sigma.detach().clone())
+
+    resumed._load_optimizer_and_scheduler = spy
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
+    torch.testing.assert_close(loaded[0], torch.tensor(saved["log_sigma"]))
+    # Same σ, same data, same noise coordinates: the resumed run ends where the uninterrupted one did.
+    torch.testing.assert_close(resumed.alp_perturbation.log_sigma, full.alp_perturbation.log_sigma)
+
+
+def test_saved_model_has_exactly_the_base_keys(make_trainer, tokenizer, tmp_path):
+    base_keys = set(build_tiny_model(tokenizer).state_dict())
+    trainer = make_trainer(max_steps=1)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    saved_keys = set(load_file(str(tmp_path / "final" / "model.safetensors")))
+    tied = {k for k in base_keys - saved_keys if k == "lm_head.weight"}  # tied embeddings are stored once
+    assert saved_keys == base_keys - tied
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(reloaded(ids).logits, trainer.model.cpu()(ids).logits)
+    state = json.loads((tmp_path / "final" / "alp_state.json").read_text())
+    assert len(state["sigma"]) == 2
+
+
+def test_hooks_removed_when_training_raises(make_trainer):
+    trainer = make_trainer(max_steps=2)
+
+    def boom(*args, **kwargs):
+        assert _hooks(trainer) == 2  # hooks are live inside the step
+        raise RuntimeError("boom")
+
+    trainer._compute_loss = boom
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    assert _hooks(trainer) == 0
+
+
+def test_plain_grpo_config_gets_alp_defaults(make_trainer, caplog):
+    with caplog.at_level(logging.WARNING, logger="trl_alp"):
+        trainer = make_trainer(config_cls=GRPOConfig, max_steps=1)
+    assert isinstance(trainer.args, ALPConfig)
+    assert trainer.args.correction == "seq-alp" and trainer.args.alp_epsilon_high == 3.0
+    assert "plain GRPOConfig" in caplog.text
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"])
+def test_every_loss_type_trains(make_trainer, loss_type):
+    trainer = make_trainer(max_steps=1, loss_type=loss_type, correction="token-alp")
+    trainer.train()
+    assert math.isfinite(_last(trainer, "loss"))
+
+
+def test_beta_kl_is_logged(make_trainer, tmp_path, tokenizer):
+    model = build_tiny_model(tokenizer)
+    model.save_pretrained(tmp_path / "base")  # TRL rebuilds the reference model from the config's path
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    trainer = make_trainer(model=model, max_steps=2, beta=0.1)
+    trainer.train()
+    assert _last(trainer, "kl") >= 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"correction": "alp"}, "correction must be one of"),
+        ({"alp_init_sigma": 0.0}, "alp_init_sigma must be > 0"),
+        ({"alp_init_sigma": float("nan")}, "alp_init_sigma must be a finite"),
+        ({"alp_epsilon_low": 1.0}, r"alp_epsilon_low must be in \(0, 1\)"),
+        ({"alp_dual_clip": 2.0}, "alp_dual_clip must be > 1 \\+ alp_epsilon_high"),
+        ({"alp_layers": "3-1"}, "alp_layers"),
+    ],
+)
+def test_config_validation(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        ALPConfig(output_dir="unused", report_to="none", bf16=False, use_cpu=True, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"alp_layers": "0-5"}, r"selects layers \[2, 3, 4, 5\]"),
+        ({"delta": 4.0}, "alp_dual_clip"),
+        ({"importance_sampling_level": "sequence"}, "seq-alp"),
+        ({"entropy_coef": 0.01}, "entropy_coef"),
+        ({"alp_layers_path": "model.blocks"}, "alp_layers_path='model.blocks'"),
+    ],
+)
+def test_trainer_rejects_what_alp_cannot_honour(make_trainer, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make_trainer(**overrides)
