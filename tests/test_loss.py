@@ -108,3 +108,28 @@ def test_aggregate_loss_matches_trl_normalisers(loss_type, expected):
 def test_aggregate_loss_rejects_unknown_type():
     with pytest.raises(ValueError, match="grpo, bnpo"):
         aggregate_loss(torch.ones(1, 1), torch.ones(1, 1), "ppo")
+
+
+def test_mis_zeroes_exactly_the_out_of_band_sequences():
+    from trl_alp.loss import rollout_correction_weights
+
+    old = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    rollout = torch.tensor([[-1.0, -1.0], [0.1, 0.2], [2.0, 0.0]])  # sequence weights e^2, e^-0.3, e^-2
+    mask = torch.ones(3, 2)
+    w, hit = rollout_correction_weights(old, rollout, mask, "sequence", "mask", 0.2, 5.0)
+    torch.testing.assert_close(w, torch.tensor([[0.0], [math.exp(-0.3)], [0.0]]))
+    assert hit.squeeze(1).tolist() == [True, False, True]
+    w, hit = rollout_correction_weights(old, rollout, mask, "sequence", "truncate", 0.2, 5.0)
+    torch.testing.assert_close(w, torch.tensor([[5.0], [math.exp(-0.3)], [0.2]]))
+
+
+def test_tis_token_level_and_open_bounds():
+    from trl_alp.loss import rollout_correction_weights
+
+    old = torch.tensor([[0.0, 0.0, 0.0]])
+    rollout = torch.tensor([[-2.0, 0.0, float("nan")]])
+    w, hit = rollout_correction_weights(old, rollout, torch.ones(1, 3), "token", "truncate", None, 3.0)
+    torch.testing.assert_close(w, torch.tensor([[3.0, 1.0, 1.0]]))  # NaN rollout → no correction
+    assert hit.tolist() == [[True, False, False]]
+    with pytest.raises(ValueError, match="truncate"):
+        rollout_correction_weights(old, rollout, torch.ones(1, 3), "token", "clip", None, 3.0)

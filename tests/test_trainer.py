@@ -16,7 +16,7 @@ from trl_alp.tiny import build_tiny_model
 
 
 def _hooks(trainer):
-    return sum(len(layer._forward_pre_hooks) for layer in trainer.alp_perturbation._layers)
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m, _ in trainer.alp_perturbation._sites)
 
 
 def _last(trainer, key):
@@ -59,9 +59,9 @@ def test_noise_only_in_the_loss_forward_once_per_layer_per_micro_step(make_train
     calls = []
     original = perturbation_module.add_seeded_noise
 
-    def spy(hidden, sigma, seed):
+    def spy(*args):
         calls.append((torch.is_grad_enabled(), trainer._in_loss))
-        return original(hidden, sigma, seed)
+        return original(*args)
 
     monkeypatch.setattr(perturbation_module, "add_seeded_noise", spy)
     trainer = make_trainer(max_steps=2, gradient_accumulation_steps=2, steps_per_generation=2)

@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 from trl import GRPOConfig
 
+from .mismatch import ROLLOUT_DTYPES, ROLLOUT_WEIGHT_BITS
 from .perturbation import validate_layer_spec
 
 
@@ -16,19 +17,53 @@ class Correction(NamedTuple):
     """A parsed `correction` value: what forms the ratio, at which level, and with or without noise."""
 
     name: str
-    family: str  # "alp" | "bypass"
-    level: str  # "token" | "sequence" | "geometric"
+    family: str  # "alp" | "bypass" | "grpo" | "tis" | "mis"
+    level: str  # "token" | "sequence" | "geometric" (for "grpo": TRL's `importance_sampling_level`)
+    description: str
 
     @property
     def perturbs(self) -> bool:
         return self.family == "alp"
 
+    @property
+    def uses_rollout_logps(self) -> bool:
+        """Whether the loss needs the log-probs the rollout engine reported."""
+        return self.family != "grpo"
 
+    @property
+    def uses_old_logps(self) -> bool:
+        """Whether the loss needs TRL's recomputed old log-probs (so its extra forward must not be skipped)."""
+        return self.family in ("grpo", "tis", "mis")
+
+
+_LEVELS = {"seq": "sequence", "token": "token", "geo": "geometric"}
+_ALP = "ALP: perturbed numerator π_θ,δ over the rollout log-probs μ, {} ratio, clip [1−alp_epsilon_low, 1+alp_epsilon_high] + dual clip."
+_BYPASS = "Bypass: numerator π_θ (no noise) over the rollout log-probs μ, {} ratio, same clips as ALP."
+_IS = "{}: TRL's GRPO ratio π_θ/π_old (epsilon/epsilon_high) times the {} weight π_old/μ {}."
 CORRECTIONS: dict[str, Correction] = {
-    name: Correction(name, family, level)
-    for family in ("alp", "bypass")
-    for prefix, level in (("seq", "sequence"), ("token", "token"), ("geo", "geometric"))
-    for name in (f"{prefix}-{family}",)
+    **{f"{p}-alp": Correction(f"{p}-alp", "alp", lv, _ALP.format(lv)) for p, lv in _LEVELS.items()},
+    **{f"{p}-bypass": Correction(f"{p}-bypass", "bypass", lv, _BYPASS.format(lv)) for p, lv in _LEVELS.items()},
+    "grpo": Correction(
+        "grpo", "grpo", "trl", "GRPO/GSPO: TRL's own loss, recomputed old log-probs, no rollout correction."
+    ),
+    **{
+        f"{p}-tis": Correction(
+            f"{p}-tis",
+            "tis",
+            _LEVELS[p],
+            _IS.format("TIS", _LEVELS[p], "truncated to [rollout_is_min, rollout_is_max]"),
+        )
+        for p in ("token", "seq")
+    },
+    **{
+        f"{p}-mis": Correction(
+            f"{p}-mis",
+            "mis",
+            _LEVELS[p],
+            _IS.format("MIS", _LEVELS[p], "zeroed outside [rollout_is_min, rollout_is_max]"),
+        )
+        for p in ("token", "seq")
+    },
 }
 
 
@@ -61,17 +96,20 @@ class ALPConfig(GRPOConfig):
         metadata={
             "help": "Off-policy correction. 'seq-alp' (default): perturbed numerator, product-of-tokens sequence "
             "ratio; 'token-alp': per-token ratio; 'geo-alp': length-normalised (geometric mean) sequence ratio; "
-            "'seq-bypass' / 'token-bypass' / 'geo-bypass': the same ratio over the rollout log-probs but without "
-            "noise (the Bypass baseline).",
+            "'seq-bypass' / 'token-bypass' / 'geo-bypass': the same ratios without noise (Bypass baseline); "
+            "'grpo': TRL's own GRPO/GSPO loss (recomputed old log-probs, no rollout correction); "
+            "'token-tis' / 'seq-tis': GRPO times the rollout weight π_old/μ truncated to [rollout_is_min, "
+            "rollout_is_max]; 'token-mis' / 'seq-mis': the same weight zeroed outside that band.",
             "choices": list(CORRECTIONS),
         },
     )
     alp_layers: str = field(
         default="all",
         metadata={
-            "help": "Decoder layers that receive noise: 'all', 'none' (same as Bypass), 'early' / 'middle' / "
+            "help": "Where the noise goes: 'all' decoder layers, 'none' (same as Bypass), 'early' / 'middle' / "
             "'late' (thirds of the stack), an index '3', an inclusive range '0-5', a comma-separated mix "
-            "'0-2,7', or a list of ints."
+            "'0-2,7', a list of ints, or 'logits' (logits-only ablation: the final hidden state that the LM head "
+            "projects, after the final norm, and no decoder layer)."
         },
     )
     alp_layers_path: str | None = field(
@@ -107,6 +145,44 @@ class ALPConfig(GRPOConfig):
             "1 + alp_epsilon_high. None disables it."
         },
     )
+    alp_relative_sigma: bool = field(
+        default=False,
+        metadata={
+            "help": "Scale each token's noise by its detached hidden-state RMS, so σ is relative to the residual "
+            "stream's scale (one σ₀ fits models whose hidden states differ in magnitude). False = the paper's "
+            "absolute σ."
+        },
+    )
+    rollout_is_min: float | None = field(
+        default=None,
+        metadata={"help": "TIS/MIS: lower bound of the rollout weight π_old/μ (None = open). MIS paper band: 0."},
+    )
+    rollout_is_max: float | None = field(
+        default=3.0,
+        metadata={"help": "TIS/MIS: upper bound of the rollout weight π_old/μ (TRL's default 3.0; MIS paper: 5)."},
+    )
+    alp_rollout_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Generate under autocast in this dtype ('bfloat16' or 'float16') while training in the model's "
+            "dtype: a reproducible training–inference mismatch without vLLM (transformers generate path only).",
+            "choices": [None, "bfloat16", "float16"],
+        },
+    )
+    alp_rollout_weight_bits: int | None = field(
+        default=None,
+        metadata={
+            "help": "Generate from fake-quantised weights (4 or 8 bits, per-channel round-to-nearest) for a "
+            "reproducible mismatch (transformers generate path only)."
+        },
+    )
+    alp_log_unperturbed_ratio: bool = field(
+        default=False,
+        metadata={
+            "help": "Also run one extra no-grad, noise-free forward per micro-step and log its ratio to the rollout "
+            "log-probs under alp/unperturbed/*, next to the perturbed alp/ratio/*."
+        },
+    )
     alp_noise_seed: int | None = field(
         default=None,
         metadata={"help": "Seed of the perturbation noise; None uses `seed`."},
@@ -131,6 +207,27 @@ class ALPConfig(GRPOConfig):
                     f"got {self.alp_dual_clip!r} (or None to disable it)"
                 )
         validate_layer_spec(self.alp_layers)  # the trainer checks the range against the model
+        for name in ("rollout_is_min", "rollout_is_max"):
+            if getattr(self, name) is not None:
+                _check_finite(name, getattr(self, name), nonnegative=True)
+        if None not in (self.rollout_is_min, self.rollout_is_max) and self.rollout_is_min >= self.rollout_is_max:
+            raise ValueError(
+                f"rollout_is_min ({self.rollout_is_min}) must be < rollout_is_max ({self.rollout_is_max})."
+            )
+        if self.alp_rollout_dtype not in (None, *ROLLOUT_DTYPES):
+            raise ValueError(
+                f"alp_rollout_dtype must be one of {list(ROLLOUT_DTYPES)} or None, got {self.alp_rollout_dtype!r}"
+            )
+        if self.alp_rollout_weight_bits not in (None, *ROLLOUT_WEIGHT_BITS):
+            raise ValueError(
+                f"alp_rollout_weight_bits must be one of {list(ROLLOUT_WEIGHT_BITS)} or None, "
+                f"got {self.alp_rollout_weight_bits!r}"
+            )
+        if self.use_vllm and (self.alp_rollout_dtype or self.alp_rollout_weight_bits):
+            raise ValueError(
+                "alp_rollout_dtype / alp_rollout_weight_bits emulate an inference engine; with use_vllm=True vLLM is "
+                "the engine: unset them."
+            )
         super().__post_init__()
 
     @property

@@ -7,6 +7,8 @@ gradient of each token's own log-prob, as in the ALP authors' GSPO-style form.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 LOG_RATIO_CLAMP = 20.0
@@ -123,3 +125,36 @@ def aggregate_loss(
             f"Unknown loss_type {loss_type!r}; expected one of grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo."
         )
     return loss / accumulation_steps, loss.detach()
+
+
+def rollout_correction_weights(
+    old_logps: torch.Tensor,
+    rollout_logps: torch.Tensor,
+    mask: torch.Tensor,
+    level: str,
+    mode: str,
+    clip_min: float | None,
+    clip_max: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIS/MIS weights ``w = π_old / μ`` (TRL's vLLM importance-sampling semantics), detached.
+
+    ``level`` ``token`` gives ``(B, T)`` weights, ``sequence`` gives ``(B, 1)`` weights of the summed log-ratio.
+    ``mode`` ``truncate`` (TIS) clamps w to ``[clip_min, clip_max]``; ``mask`` (MIS) sets w to 0 outside that band
+    (an unset bound is open). Returns ``(weights, hit)`` where `hit` marks the entries that were clamped or masked.
+    """
+    diff = torch.nan_to_num((old_logps - rollout_logps).detach() * mask, nan=0.0)
+    if level == "sequence":
+        diff = diff.sum(-1, keepdim=True)
+    elif level != "token":
+        raise ValueError(f"TIS/MIS level must be 'token' or 'sequence', got {level!r}")
+    weights = torch.exp(diff.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    hit = (weights < low) | (weights > high)
+    if mode == "truncate":
+        weights = weights.clamp(min=clip_min, max=clip_max)
+    elif mode == "mask":
+        weights = weights.masked_fill(hit, 0.0)
+    else:
+        raise ValueError(f"TIS/MIS mode must be 'truncate' or 'mask', got {mode!r}")
+    return weights, hit

@@ -81,7 +81,7 @@ def find_decoder_layers(model: nn.Module, path: str | None = None) -> tuple[str,
     )
 
 
-_PRESETS = ("all", "none", "early", "middle", "late")
+_PRESETS = ("all", "none", "early", "middle", "late", "logits")
 
 
 def _layer_ranges(spec: str | Sequence[int] | None) -> str | list[tuple[int, int]]:
@@ -95,13 +95,17 @@ def _layer_ranges(spec: str | Sequence[int] | None) -> str | list[tuple[int, int
     text = spec.strip().lower()
     if text in _PRESETS:
         return text
+    if "logits" in text:
+        raise ValueError(
+            f"alp_layers={spec!r}: 'logits' (the logits-only ablation) cannot be combined with decoder layers."
+        )
     ranges = []
     for part in text.split(","):
         match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if match is None:
             raise ValueError(
-                f"alp_layers={spec!r} is malformed: use 'all', 'none', 'early', 'middle', 'late', an index "
-                "'3', an inclusive range '0-5', a comma-separated mix '0-2,7', or a list of ints."
+                f"alp_layers={spec!r} is malformed: use 'all', 'none', 'early', 'middle', 'late', 'logits', an "
+                "index '3', an inclusive range '0-5', a comma-separated mix '0-2,7', or a list of ints."
             )
         lo = int(match.group(1))
         hi = int(match.group(2)) if match.group(2) is not None else lo
@@ -125,7 +129,7 @@ def parse_layer_spec(spec: str | Sequence[int] | None, num_layers: int) -> list[
     parsed = _layer_ranges(spec)
     if parsed == "all":
         return list(range(num_layers))
-    if parsed == "none":
+    if parsed in ("none", "logits"):  # "logits" perturbs no decoder layer (see LayerPerturbation)
         return []
     if isinstance(parsed, str):  # thirds of the stack; each preset keeps at least one layer
         bounds = {"early": (0, 1), "middle": (1, 2), "late": (2, 3)}[parsed]
@@ -157,33 +161,53 @@ def seeded_noise(shape: torch.Size, seed: int, device: torch.device) -> torch.Te
 
 
 class _AddSeededNoise(torch.autograd.Function):
-    """``h + σ · ε`` whose backward regenerates ε from its seed instead of saving it (dL/dσ = Σ dL/dh' · ε)."""
+    """``h + σ · s · ε`` whose backward regenerates ε from its seed instead of saving it.
+
+    ``s`` is an optional detached per-token scale (relative σ); dL/dσ = Σ dL/dh' · s · ε.
+    """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, sigma: torch.Tensor, seed: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, sigma: torch.Tensor, seed: int, scale: torch.Tensor | None):
         ctx.seed, ctx.shape, ctx.device = seed, hidden.shape, hidden.device
+        ctx.save_for_backward(scale)
         noise = seeded_noise(hidden.shape, seed, hidden.device)
+        if scale is not None:
+            noise = noise * scale
         return hidden + (sigma.float() * noise).to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad_sigma = None
         if ctx.needs_input_grad[1]:
+            (scale,) = ctx.saved_tensors
             noise = seeded_noise(ctx.shape, ctx.seed, ctx.device)
+            if scale is not None:
+                noise = noise * scale
             grad_sigma = (grad_output.float() * noise).sum().reshape(1)
-        return grad_output, grad_sigma, None
+        return grad_output, grad_sigma, None, None
 
 
-def add_seeded_noise(hidden: torch.Tensor, sigma: torch.Tensor, seed: int) -> torch.Tensor:
-    """Return ``hidden + sigma * ε(seed)``, differentiable in `hidden` and `sigma` (a one-element tensor)."""
-    return _AddSeededNoise.apply(hidden, sigma.reshape(1), seed)
+def add_seeded_noise(
+    hidden: torch.Tensor, sigma: torch.Tensor, seed: int, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Return ``hidden + sigma * scale * ε(seed)``, differentiable in `hidden` and `sigma` (a one-element tensor)."""
+    return _AddSeededNoise.apply(hidden, sigma.reshape(1), seed, scale)
+
+
+def hidden_rms(hidden: torch.Tensor) -> torch.Tensor:
+    """Detached per-token RMS of `hidden`, ``(..., 1)`` in fp32: the scale of relative σ."""
+    return hidden.detach().float().pow(2).mean(-1, keepdim=True).sqrt()
 
 
 class LayerPerturbation(nn.Module):
-    """One learnable noise scale per selected decoder layer, applied through forward pre-hooks.
+    """One learnable noise scale per perturbed site, applied through hooks that exist only inside :meth:`active`.
+
+    Sites are the inputs of the selected decoder layers (forward pre-hooks) or, for the logits-only ablation, the
+    output of the model's backbone: the final hidden state that the LM head projects (a forward hook).
 
     It is deliberately *not* a submodule of the model: σ is neither saved with the model weights nor sent to vLLM
-    by weight sync. Its parameter is ``log_sigma`` (σ = exp(log_sigma) > 0).
+    by weight sync. Its parameter is ``log_sigma`` (σ = exp(log_sigma) > 0). With ``relative=True`` the noise of
+    each token is also multiplied by that token's detached hidden-state RMS.
     """
 
     def __init__(
@@ -193,21 +217,30 @@ class LayerPerturbation(nn.Module):
         init_sigma: float = 0.02,
         learnable: bool = True,
         seed: int = 0,
+        relative: bool = False,
+        final_module: nn.Module | None = None,
     ):
         super().__init__()
         if not (math.isfinite(init_sigma) and init_sigma > 0):
             raise ValueError(f"alp_init_sigma must be a finite number > 0, got {init_sigma!r}")
+        if final_module is not None and layer_indices:
+            raise ValueError("The logits-only site cannot be combined with decoder layers.")
         self.layer_indices = list(layer_indices)
-        self._layers = [layers[i] for i in self.layer_indices]  # plain list: not registered as submodules
+        # plain lists: the hooked modules are not registered as submodules
+        self._sites: list[tuple[nn.Module, bool]] = [(layers[i], False) for i in self.layer_indices]
+        self.labels = [str(i) for i in self.layer_indices]
+        if final_module is not None:
+            self._sites.append((final_module, True))
+            self.labels.append("final")
         self.log_sigma = nn.Parameter(
-            torch.full((len(self.layer_indices),), math.log(init_sigma), dtype=torch.float32),
-            requires_grad=learnable,
+            torch.full((len(self._sites),), math.log(init_sigma), dtype=torch.float32), requires_grad=learnable
         )
         self.seed = seed
+        self.relative = relative
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._coords: tuple[int, int, int] | None = None
         self._suspended = 0
-        self.applied = [0] * len(self.layer_indices)  # hook applications per layer since the last `active()`
+        self.applied = [0] * len(self._sites)  # hook applications per site since the last `active()`
 
     @property
     def sigma(self) -> torch.Tensor:
@@ -217,23 +250,44 @@ class LayerPerturbation(nn.Module):
     def is_active(self) -> bool:
         return bool(self._handles)
 
-    def _make_hook(self, slot: int):
+    def _perturb(self, slot: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The perturbed `hidden`, or None when this forward must stay clean."""
+        if self._coords is None or self._suspended or not torch.is_grad_enabled():
+            return None
+        step, micro_step, rank = self._coords
+        layer = self.layer_indices[slot] if slot < len(self.layer_indices) else -1
+        seed = noise_seed(self.seed, step, micro_step, layer, rank)
+        sigma = self.log_sigma[slot].exp().to(hidden.device)
+        self.applied[slot] += 1
+        return add_seeded_noise(hidden, sigma, seed, hidden_rms(hidden) if self.relative else None)
+
+    def _pre_hook(self, slot: int):
         def hook(module, args, kwargs):
-            if self._coords is None or self._suspended or not torch.is_grad_enabled():
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if hidden is None:
+                raise RuntimeError(
+                    f"Decoder layer {self.labels[slot]} ({type(module).__name__}) was called without hidden states "
+                    "as first positional argument or `hidden_states=` keyword; ALP cannot perturb it."
+                )
+            noisy = self._perturb(slot, hidden)
+            if noisy is None:
                 return None
-            step, micro_step, rank = self._coords
-            seed = noise_seed(self.seed, step, micro_step, self.layer_indices[slot], rank)
-            sigma = self.log_sigma[slot].exp().to(self.log_sigma.device)
-            self.applied[slot] += 1
             if args:
-                return (add_seeded_noise(args[0], sigma.to(args[0].device), seed), *args[1:]), kwargs
-            if "hidden_states" in kwargs:
-                hidden = kwargs["hidden_states"]
-                return args, {**kwargs, "hidden_states": add_seeded_noise(hidden, sigma.to(hidden.device), seed)}
-            raise RuntimeError(
-                f"Decoder layer {self.layer_indices[slot]} ({type(module).__name__}) was called without hidden "
-                "states as first positional argument or `hidden_states=` keyword; ALP cannot perturb it."
-            )
+                return (noisy, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": noisy}
+
+        return hook
+
+    def _output_hook(self, slot: int):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+            noisy = self._perturb(slot, hidden)
+            if noisy is None:
+                return None
+            if isinstance(output, tuple):
+                return (noisy, *output[1:])
+            output.last_hidden_state = noisy
+            return output
 
         return hook
 
@@ -243,10 +297,14 @@ class LayerPerturbation(nn.Module):
         if self._handles:
             raise RuntimeError("LayerPerturbation.active() is not re-entrant.")
         self._coords = (int(step), int(micro_step), int(rank))
-        self.applied = [0] * len(self.layer_indices)
+        self.applied = [0] * len(self._sites)
         try:
-            for slot, layer in enumerate(self._layers):
-                self._handles.append(layer.register_forward_pre_hook(self._make_hook(slot), with_kwargs=True))
+            for slot, (module, is_output) in enumerate(self._sites):
+                if is_output:
+                    handle = module.register_forward_hook(self._output_hook(slot))
+                else:
+                    handle = module.register_forward_pre_hook(self._pre_hook(slot), with_kwargs=True)
+                self._handles.append(handle)
             yield self
         finally:
             for handle in self._handles:

@@ -13,9 +13,17 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
 from .config import ALPConfig
-from .loss import aggregate_loss, alp_log_weights, clipped_surrogate, k3_kl, sequence_log_ratio
-from .metrics import mismatch_stats, quantile_stats
-from .perturbation import LayerPerturbation, find_decoder_layers, parse_layer_spec
+from .loss import (
+    aggregate_loss,
+    alp_log_weights,
+    clipped_surrogate,
+    k3_kl,
+    rollout_correction_weights,
+    sequence_log_ratio,
+)
+from .metrics import mismatch_stats, quantile_stats, weight_diagnostics
+from .mismatch import rollout_engine
+from .perturbation import LayerPerturbation, find_decoder_layers, parse_layer_spec, unwrap_model
 from .rollout import record_generate_logprobs
 
 logger = logging.getLogger(__name__)
@@ -81,32 +89,48 @@ class ALPGRPOTrainer(GRPOTrainer):
 
         super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
 
-        layers_path, layers = find_decoder_layers(self.model, args.alp_layers_path)
-        indices = parse_layer_spec(args.alp_layers, len(layers)) if self.correction.perturbs else []
-        self.alp_perturbation = LayerPerturbation(
-            layers,
-            indices,
-            init_sigma=args.alp_init_sigma,
-            learnable=args.alp_learn_sigma and bool(indices),
-            seed=args.seed if args.alp_noise_seed is None else args.alp_noise_seed,
-        ).to(self.accelerator.device)
-        logger.info("ALP: correction=%s, perturbing %s of %s", self.correction.name, indices, layers_path)
+        self.alp_perturbation = self._build_perturbation(args).to(self.accelerator.device)
         if self.alp_perturbation.log_sigma.requires_grad and self.optimizer is not None:
             raise ValueError(
                 "ALPGRPOTrainer builds σ's optimizer group itself: pass optimizers=(None, None), or set "
                 "alp_learn_sigma=False to keep σ fixed with your own optimizer."
             )
         if self.use_vllm and self.vllm_importance_sampling_correction:
-            logger.info("ALP replaces TRL's vLLM importance-sampling correction; it is turned off.")
+            logger.info(
+                "TRL's vLLM importance-sampling correction is turned off: correction=%r decides the ratio.",
+                self.correction.name,
+            )
             self.vllm_importance_sampling_correction = False
         if self.top_p < 1.0 or (self.top_k or 0) > 0 or self.min_p is not None:
             logger.warning(
-                "top_p/top_k/min_p truncate the sampling distribution; the rollout log-probs of the ALP ratio are "
+                "top_p/top_k/min_p truncate the sampling distribution; the rollout log-probs of the ratio are "
                 "those of the untruncated temperature-scaled distribution (the same form as the numerator), so the "
                 "ratio ignores the truncation."
             )
         self._alp_skip_old_pass = False
         self.add_callback(_SigmaGradCallback(self))
+
+    def _build_perturbation(self, args: ALPConfig) -> LayerPerturbation:
+        seed = args.seed if args.alp_noise_seed is None else args.alp_noise_seed
+        if not self.correction.perturbs:
+            return LayerPerturbation(torch.nn.ModuleList(), [], args.alp_init_sigma, learnable=False, seed=seed)
+        layers_path, layers = find_decoder_layers(self.model, args.alp_layers_path)
+        indices = parse_layer_spec(args.alp_layers, len(layers))
+        final = unwrap_model(self.model).base_model if args.alp_layers.strip().lower() == "logits" else None
+        logger.info(
+            "ALP: correction=%s, noise on %s",
+            self.correction.name,
+            "the final hidden state" if final else f"{layers_path}{indices}",
+        )
+        return LayerPerturbation(
+            layers,
+            indices,
+            init_sigma=args.alp_init_sigma,
+            learnable=args.alp_learn_sigma and (bool(indices) or final is not None),
+            seed=seed,
+            relative=args.alp_relative_sigma,
+            final_module=final,
+        )
 
     # ----------------------------------------------------------------------------------------------- optimizer
     def create_optimizer(self, model=None):
@@ -141,7 +165,8 @@ class ALPGRPOTrainer(GRPOTrainer):
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
         target = self.accelerator.unwrap_model(self.model_wrapped)
-        with record_generate_logprobs(target, self.temperature) as recorder:
+        engine = rollout_engine(target, self.args.alp_rollout_dtype, self.args.alp_rollout_weight_bits)
+        with engine, record_generate_logprobs(target, self.temperature) as recorder:
             completion_ids, _ = super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
@@ -149,10 +174,11 @@ class ALPGRPOTrainer(GRPOTrainer):
         return completion_ids, [row[: len(ids)].tolist() for row, ids in zip(logps, completion_ids, strict=True)]
 
     def _generate_and_score_completions(self, inputs):
-        # The ALP denominator is the rollout log-probs, so TRL's extra no-grad "old" log-prob pass is not needed.
+        # ALP and Bypass use the rollout log-probs as denominator, so TRL's extra no-grad "old" pass is not needed.
         generate_every = self.args.steps_per_generation * self.num_iterations
-        self._alp_skip_old_pass = self.args.gradient_accumulation_steps % generate_every != 0 or (
-            self.use_vllm and self.vllm_importance_sampling_correction
+        self._alp_skip_old_pass = not self.correction.uses_old_logps and (
+            self.args.gradient_accumulation_steps % generate_every != 0
+            or (self.use_vllm and self.vllm_importance_sampling_correction)
         )
         try:
             return super()._generate_and_score_completions(inputs)
@@ -163,49 +189,70 @@ class ALPGRPOTrainer(GRPOTrainer):
         if self._alp_skip_old_pass:  # the first pass of `_generate_and_score_completions` is the "old" one
             self._alp_skip_old_pass = False
             return None, None, None
-        return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        if torch.is_grad_enabled():  # the loss forward: kept for the diagnostics of correction="grpo"
+            self._alp_loss_logps = out[0]
+        return out
 
     # ------------------------------------------------------------------------------------------------- loss
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
-        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         mask = (
             inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
         )
+        rollout_logps = inputs.get("sampling_per_token_logps")
+        if self.correction.family == "grpo":  # TRL's own loss; only the diagnostics are ours
+            loss = super()._compute_loss(model, inputs)
+            if rollout_logps is not None:
+                self._log_diagnostics(mode, inputs, self._alp_loss_logps, rollout_logps, mask)
+            return loss
+        if rollout_logps is None:
+            raise RuntimeError(
+                f"correction={self.correction.name!r} needs the log-probs the rollout engine reported, but this "
+                "batch has none (a custom rollout_func must return 'logprobs'); use correction='grpo' otherwise."
+            )
 
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model,
-            input_ids,
-            attention_mask,
+            torch.cat([prompt_ids, completion_ids], dim=1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
             completion_ids.size(1),
             compute_entropy=True,
             compute_aux_loss=self.aux_loss_enabled,
             **{key: inputs.get(key) for key in _FORWARD_KEYS},
         )
-        rollout_logps = inputs.get("sampling_per_token_logps")
-        if rollout_logps is None:
-            raise RuntimeError(
-                f"correction={self.correction.name!r} needs the log-probs the rollout engine reported, but this "
-                "batch has none (a custom rollout_func must return 'logprobs')."
-            )
         # Tokens the engine could not score (NaN/inf) carry no ratio: drop them from the loss.
         mask = mask * torch.isfinite(rollout_logps)
         rollout_logps = torch.nan_to_num(rollout_logps, nan=0.0, posinf=0.0, neginf=0.0)
         advantages = inputs["advantages"]
         advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-
-        level = self.correction.level
-        log_weights = alp_log_weights(per_token_logps, rollout_logps, mask, level)
         args = self.args
+
+        is_weights = None
+        if self.correction.family in ("alp", "bypass"):
+            log_weights = alp_log_weights(per_token_logps, rollout_logps, mask, self.correction.level)
+            clip = (args.alp_epsilon_low, args.alp_epsilon_high, args.alp_dual_clip)
+        else:  # TIS / MIS: TRL's GRPO ratio over the old log-probs, times the rollout weight π_old/μ
+            old_logps = inputs.get("old_per_token_logps")
+            old_logps = per_token_logps.detach() if old_logps is None else old_logps
+            log_weights = alp_log_weights(per_token_logps, old_logps, mask, "token")
+            clip = (self.epsilon_low, self.epsilon_high, None)
+            is_weights, is_hit = rollout_correction_weights(
+                old_logps,
+                rollout_logps,
+                mask,
+                self.correction.level,
+                "truncate" if self.correction.family == "tis" else "mask",
+                args.rollout_is_min,
+                args.rollout_is_max,
+            )
+
         clip_stats = None
         if self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
-            per_token_loss, clip_stats = clipped_surrogate(
-                log_weights, advantages, args.alp_epsilon_low, args.alp_epsilon_high, args.alp_dual_clip
-            )
+            per_token_loss, clip_stats = clipped_surrogate(log_weights, advantages, *clip)
         elif self.loss_type == "cispo":
-            capped = torch.clamp(torch.exp(log_weights), max=1 + args.alp_epsilon_high).detach()
+            capped = torch.clamp(torch.exp(log_weights), max=1 + clip[1]).detach()
             per_token_loss = -capped * advantages * per_token_logps
         elif self.loss_type == "sapo":
             temperatures = torch.where(advantages > 0, args.sapo_temperature_pos, args.sapo_temperature_neg)
@@ -227,6 +274,8 @@ class ALPGRPOTrainer(GRPOTrainer):
         else:
             raise ValueError(f"Unknown loss_type {self.loss_type!r}")
 
+        if is_weights is not None:
+            per_token_loss = per_token_loss * is_weights
         if self.top_entropy_quantile < 1.0:
             per_token_loss = per_token_loss * self.get_high_entropy_mask(
                 entropies, mask, 1 - self.top_entropy_quantile
@@ -257,9 +306,27 @@ class ALPGRPOTrainer(GRPOTrainer):
                 self.current_gradient_accumulation_steps if training else 1
             )
 
-        self._log_alp_metrics(mode, per_token_logps, rollout_logps, mask, entropies, clip_stats, policy_loss)
+        metrics = self._metrics[mode]
+        self._log_diagnostics(mode, inputs, per_token_logps, rollout_logps, mask)
+        if clip_stats is not None:
+            low = self._global_masked_mean(clip_stats["low"], mask)
+            high = self._global_masked_mean(clip_stats["high"], mask)
+            metrics["alp/clip/low"].append(low)
+            metrics["alp/clip/high"].append(high)
+            metrics["alp/clip/dual"].append(self._global_masked_mean(clip_stats["dual"], mask))
+            metrics["clip_ratio/low_mean"].append(low)
+            metrics["clip_ratio/high_mean"].append(high)
+            metrics["clip_ratio/region_mean"].append(
+                self._global_masked_mean(clip_stats["low"] | clip_stats["high"], mask)
+            )
+        if is_weights is not None:
+            metrics[f"alp/is/{'truncated' if self.correction.family == 'tis' else 'masked'}_frac"].append(
+                self._global_masked_mean(is_hit, mask)
+            )
         if self.beta != 0.0:
-            self._metrics[mode]["kl"].append(self._global_masked_mean(per_token_kl, mask))
+            metrics["kl"].append(self._global_masked_mean(per_token_kl, mask))
+        metrics["entropy"].append(self._global_masked_mean(entropies, mask))
+        metrics["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
         return loss
 
     # ---------------------------------------------------------------------------------------------- metrics
@@ -277,40 +344,41 @@ class ALPGRPOTrainer(GRPOTrainer):
             values = self.accelerator.gather(values)
         return values
 
-    def _log_alp_metrics(self, mode, per_token_logps, rollout_logps, mask, entropies, clip_stats, policy_loss):
+    def _log_ratio_metrics(self, mode: str, prefix: str, logps, rollout_logps, mask) -> None:
+        """Quantiles, tail fractions, χ², ESS and KL estimates of ``π/μ`` at token and sequence level."""
         metrics = self._metrics[mode]
-        valid = mask.bool()
-        token_log_ratio = (per_token_logps.detach() - rollout_logps)[valid].clamp(-20.0, 20.0)
-        seq_log_ratio = sequence_log_ratio(per_token_logps.detach(), rollout_logps, mask, "sequence")
-        seq_mean_log_ratio = seq_log_ratio / mask.sum(-1).clamp(min=1.0)
-        token_log_ratio = self._gather_flat(token_log_ratio)
-        seq_log_ratio = self._gather_flat(seq_log_ratio)
-        seq_mean_log_ratio = self._gather_flat(seq_mean_log_ratio)
-        for name, value in quantile_stats(torch.exp(token_log_ratio)).items():
-            metrics[f"alp/ratio/token/{name}"].append(value)
-        for name, value in quantile_stats(torch.exp(seq_log_ratio)).items():
-            metrics[f"alp/ratio/seq/{name}"].append(value)
-        for name, value in mismatch_stats(token_log_ratio, seq_mean_log_ratio).items():
-            metrics[f"alp/mismatch/{name}"].append(value)
+        valid = mask.bool() & torch.isfinite(rollout_logps)
+        rollout_logps = torch.nan_to_num(rollout_logps, nan=0.0, posinf=0.0, neginf=0.0)
+        token = self._gather_flat((logps.detach() - rollout_logps)[valid].clamp(-20.0, 20.0))
+        seq_sum = sequence_log_ratio(logps.detach(), rollout_logps, valid.float(), "sequence")
+        seq = self._gather_flat(seq_sum)
+        seq_mean = self._gather_flat(seq_sum / valid.sum(-1).clamp(min=1))
+        for level, values in (("token", token), ("seq", seq)):
+            for name, value in quantile_stats(torch.exp(values)).items():
+                metrics[f"{prefix}/ratio/{level}/{name}"].append(value)
+            for name, value in weight_diagnostics(values).items():
+                metrics[f"{prefix}/ratio/{level}/{name}"].append(value)
+        for name, value in mismatch_stats(token, seq_mean).items():
+            metrics[f"{prefix}/mismatch/{name}"].append(value)
 
-        if clip_stats is not None:
-            low = self._global_masked_mean(clip_stats["low"], mask)
-            high = self._global_masked_mean(clip_stats["high"], mask)
-            metrics["alp/clip/low"].append(low)
-            metrics["alp/clip/high"].append(high)
-            metrics["alp/clip/dual"].append(self._global_masked_mean(clip_stats["dual"], mask))
-            metrics["clip_ratio/low_mean"].append(low)
-            metrics["clip_ratio/high_mean"].append(high)
-            metrics["clip_ratio/region_mean"].append(
-                self._global_masked_mean(clip_stats["low"] | clip_stats["high"], mask)
-            )
-        metrics["entropy"].append(self._global_masked_mean(entropies, mask))
-        metrics["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
-
+    def _log_diagnostics(self, mode, inputs, per_token_logps, rollout_logps, mask) -> None:
+        self._log_ratio_metrics(mode, "alp", per_token_logps, rollout_logps, mask)
+        if self.args.alp_log_unperturbed_ratio:
+            prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+            with torch.no_grad():  # no grad: the hooks stay silent, this is the clean policy
+                clean, _, _ = self._get_per_token_logps_and_entropies(
+                    self.model,
+                    torch.cat([prompt_ids, completion_ids], dim=1),
+                    torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+                    completion_ids.size(1),
+                    **{key: inputs.get(key) for key in _FORWARD_KEYS},
+                )
+            self._log_ratio_metrics(mode, "alp/unperturbed", clean, rollout_logps, mask)
         sigma = self.alp_perturbation.sigma
         if sigma.numel():
-            for index, value in zip(self.alp_perturbation.layer_indices, sigma.tolist(), strict=True):
-                metrics[f"alp/sigma/layer_{index}"].append(value)
+            metrics = self._metrics[mode]
+            for label, value in zip(self.alp_perturbation.labels, sigma.tolist(), strict=True):
+                metrics[f"alp/sigma/layer_{label}"].append(value)
             metrics["alp/sigma/min"].append(sigma.min().item())
             metrics["alp/sigma/mean"].append(sigma.mean().item())
             metrics["alp/sigma/max"].append(sigma.max().item())
@@ -353,7 +421,9 @@ class ALPGRPOTrainer(GRPOTrainer):
 
 
 def _check_compatible(args: ALPConfig) -> None:
-    """Reject TRL options the ALP ratio cannot honour, before the model is loaded."""
+    """Reject TRL options the chosen correction cannot honour, before the model is loaded."""
+    if args.correction == "grpo":
+        return  # TRL's own loss: every TRL option applies
     if args.delta is not None:
         raise ValueError(
             f"delta={args.delta} is TRL's two-sided clip; with correction={args.correction!r} use alp_dual_clip."
@@ -361,22 +431,25 @@ def _check_compatible(args: ALPConfig) -> None:
     if args.importance_sampling_level != "token":
         raise ValueError(
             f"importance_sampling_level={args.importance_sampling_level!r} selects TRL's ratio; with "
-            f"correction={args.correction!r} the level is part of the correction: use 'seq-alp', 'token-alp' or "
-            "'geo-alp'."
+            f"correction={args.correction!r} the level is part of the correction (e.g. 'seq-alp', 'token-alp', "
+            "'geo-alp', 'seq-mis'); use correction='grpo' for TRL's GSPO."
         )
     if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
         raise ValueError(
-            "entropy_coef / use_adaptive_entropy (TRL's entropy bonus) are not supported by ALPGRPOTrainer yet: "
-            "set entropy_coef=0.0 and use_adaptive_entropy=False."
+            f"entropy_coef / use_adaptive_entropy (TRL's entropy bonus) are only supported with correction='grpo', "
+            f"not {args.correction!r}: set entropy_coef=0.0 and use_adaptive_entropy=False."
         )
     if args.use_transformers_continuous_batching:
         raise ValueError(
-            "use_transformers_continuous_batching=True returns no rollout log-probs, which the ALP ratio needs: "
-            "use the default transformers generate path or use_vllm=True."
+            f"use_transformers_continuous_batching=True returns no rollout log-probs, which correction="
+            f"{args.correction!r} needs: use the default transformers generate path, use_vllm=True, or "
+            "correction='grpo'."
         )
-    if args.epsilon != 0.2 or args.epsilon_high is not None and args.epsilon_high != args.epsilon:
+    if args.parsed_correction.family in ("alp", "bypass") and (
+        args.epsilon != 0.2 or (args.epsilon_high is not None and args.epsilon_high != args.epsilon)
+    ):
         logger.warning(
-            "epsilon/epsilon_high are TRL's clip and are not used by correction=%r: the ALP ratio is clipped with "
+            "epsilon/epsilon_high are TRL's clip and are not used by correction=%r: its ratio is clipped with "
             "alp_epsilon_low=%s, alp_epsilon_high=%s.",
             args.correction,
             args.alp_epsilon_low,

@@ -1,0 +1,86 @@
+"""Ratio-envelope plots like the ALP paper's Figure 2, read from runs' ``trainer_state.json``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+
+ENVELOPE_KEYS = ("q02", "q25", "q50", "q75", "q98")
+
+
+def load_log_history(run_dir: str) -> list[dict]:
+    """The ``log_history`` of a run folder (or of its newest ``checkpoint-*`` when the run was not finished)."""
+    path = os.path.join(run_dir, "trainer_state.json")
+    if not os.path.exists(path):
+        checkpoints = sorted(
+            (d for d in os.listdir(run_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[-1])
+        )
+        if not checkpoints:
+            raise FileNotFoundError(f"{run_dir}: no trainer_state.json (nor checkpoint-*/trainer_state.json) found")
+        path = os.path.join(run_dir, checkpoints[-1], "trainer_state.json")
+    with open(path) as f:
+        return json.load(f)["log_history"]
+
+
+def series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """Steps and values of `key` in a log history (entries without it, or with None/NaN, are skipped)."""
+    steps, values = [], []
+    for entry in history:
+        value = entry.get(key)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            steps.append(entry["step"])
+            values.append(float(value))
+    return steps, values
+
+
+def envelope_data(history: list[dict], level: str = "seq") -> dict[str, tuple[list[int], list[float]]]:
+    """The quantile series ``alp/ratio/{level}/q02 … q98`` plus ``kl`` (k3 mismatch) and ``reward``."""
+    data = {q: series(history, f"alp/ratio/{level}/{q}") for q in ENVELOPE_KEYS}
+    data["kl"] = series(history, "alp/mismatch/k3_kl")
+    data["reward"] = series(history, "reward")
+    return data
+
+
+def plot_envelopes(
+    run_dirs: Sequence[str], output: str, labels: Sequence[str] | None = None, level: str = "seq"
+) -> dict[str, dict]:
+    """Write a PNG with, per run (one colour each): the ratio's P2–P98 and P25–P75 envelopes and median on a log
+    axis, the k3 KL between training and rollout policy, and the reward. Returns the plotted data by label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(labels) if labels is not None else [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise ValueError(f"got {len(labels)} labels for {len(run_dirs)} runs")
+    fig, (ax_ratio, ax_kl, ax_reward) = plt.subplots(1, 3, figsize=(16, 4.5))
+    plotted = {}
+    for i, (run_dir, label) in enumerate(zip(run_dirs, labels, strict=True)):
+        data = envelope_data(load_log_history(run_dir), level)
+        plotted[label] = data
+        color = f"C{i}"
+        steps, lo = data["q02"]
+        if steps:
+            ax_ratio.fill_between(steps, lo, data["q98"][1], color=color, alpha=0.15, linewidth=0)
+            ax_ratio.fill_between(steps, data["q25"][1], data["q75"][1], color=color, alpha=0.35, linewidth=0)
+            ax_ratio.plot(*data["q50"], color=color, label=label)
+        ax_kl.plot(*data["kl"], color=color, label=label)
+        ax_reward.plot(*data["reward"], color=color, label=label)
+    ax_ratio.set_yscale("log")
+    ax_ratio.axhline(1.0, color="black", linewidth=0.5)
+    name = "sequence" if level == "seq" else "token"
+    ax_ratio.set_title(f"{name}-level ratio π/μ: P2–P98, P25–P75, median")
+    ax_kl.set_title("k3 KL(μ‖π) training vs rollout")
+    ax_reward.set_title("reward")
+    for ax in (ax_ratio, ax_kl, ax_reward):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return plotted
