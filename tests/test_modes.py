@@ -139,9 +139,8 @@ def test_rollout_engine_changes_the_sampling_distribution(tokenizer):
             int4 = model(ids).logits
     assert bf16.dtype == torch.bfloat16 and 0 < (bf16.float() - clean).abs().max() < 0.5
     assert (int4 - clean).abs().max() > 0
-    with pytest.raises(ValueError, match="alp_rollout_dtype"):
-        with rollout_engine(model, "int8"):
-            pass
+    with pytest.raises(ValueError, match="alp_rollout_dtype"), rollout_engine(model, "int8"):
+        pass
 
 
 @pytest.mark.parametrize("engine", [{"alp_rollout_dtype": "bfloat16"}, {"alp_rollout_weight_bits": 4}])
