@@ -1,0 +1,86 @@
+"""Offline task data and verifiable rewards for the demo, the recipes and the notebooks.
+
+The rewards parse the completion's last number and compare it with the ``answer`` column. `math-verify` (and
+TRL's `accuracy_reward`, built on it) target LaTeX / ``\\boxed{}`` answers, which small chat models rarely write, so a
+plain last-number check is the verifiable reward that fits these integer tasks.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from datasets import Dataset
+
+SYSTEM_PROMPT = "Solve the problem. End your reply with the final answer as a number."
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+_WORD_PROBLEMS = (
+    ("Tom has {a} apples and buys {b} more. How many apples does he have now?", lambda a, b: a + b),
+    ("A box holds {a} pens. {b} pens are taken out. How many pens are left?", lambda a, b: a - b),
+    ("There are {a} rows with {b} chairs each. How many chairs are there?", lambda a, b: a * b),
+    ("Sara reads {a} pages a day for {b} days. How many pages does she read?", lambda a, b: a * b),
+)
+_ARITHMETIC = (("What is {a} + {b}?", lambda a, b: a + b), ("What is {a} - {b}?", lambda a, b: a - b))
+
+
+def arithmetic_dataset(n: int = 256, seed: int = 0, max_operand: int = 20) -> Dataset:
+    """Procedurally generated arithmetic and word problems with integer answers (conversational prompts).
+
+    Columns: ``prompt`` (system + user messages) and ``answer`` (the integer as a string).
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        template, solve = rng.choice(_WORD_PROBLEMS + _ARITHMETIC)
+        a, b = rng.randint(2, max_operand), rng.randint(1, max_operand)
+        if "-" in template or "left" in template:
+            a, b = max(a, b), min(a, b)
+        rows.append(
+            {
+                "prompt": [
+                    {"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": template.format(a=a, b=b)},
+                ],
+                "answer": str(solve(a, b)),
+            }
+        )
+    return Dataset.from_list(rows)
+
+
+def gsm8k_to_prompts(dataset: Dataset) -> Dataset:
+    """Map GSM8K's ``question`` / ``answer`` (``... #### 42``) to ``prompt`` / ``answer`` columns."""
+
+    def convert(row):
+        return {
+            "prompt": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": row["question"]}],
+            "answer": row["answer"].split("####")[-1].strip().replace(",", ""),
+        }
+
+    return dataset.map(convert, remove_columns=dataset.column_names)
+
+
+def _text(completion) -> str:
+    return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
+def last_number(text: str) -> str | None:
+    numbers = _NUMBER.findall(text.replace(",", ""))
+    return numbers[-1] if numbers else None
+
+
+def correctness_reward(completions, answer, **kwargs) -> list[float]:
+    """1.0 when the completion's last number equals the reference answer, else 0.0."""
+    rewards = []
+    for completion, reference in zip(completions, answer, strict=True):
+        found = last_number(_text(completion))
+        rewards.append(float(found is not None and float(found) == float(reference)))
+    return rewards
+
+
+def number_format_reward(completions, **kwargs) -> list[float]:
+    """0.2 for a reply that contains a number at all: a small shaping signal for tiny models."""
+    return [0.2 if last_number(_text(c)) is not None else 0.0 for c in completions]
+
+
+REWARD_FUNCS = {"correctness": correctness_reward, "number_format": number_format_reward}

