@@ -46,17 +46,22 @@ _FORWARD_KEYS = (
 
 
 class _SigmaGradCallback(TrainerCallback):
-    """σ lives outside the (DDP) model, so the Trainer neither all-reduces nor zeroes its gradient: do both here."""
+    """σ lives outside the (DDP) model, so the Trainer neither all-reduces nor zeroes its gradient: do both here,
+    and drop a non-finite σ gradient (counted in ``alp/faults/sigma_grad_nonfinite``)."""
 
     def __init__(self, trainer: ALPGRPOTrainer):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         log_sigma = self.trainer.alp_perturbation.log_sigma
-        accelerator = self.trainer.accelerator
-        if log_sigma.requires_grad and accelerator.num_processes > 1:
-            grad = log_sigma.grad if log_sigma.grad is not None else torch.zeros_like(log_sigma)
-            log_sigma.grad = accelerator.reduce(grad, reduction="mean")
+        if not log_sigma.requires_grad:
+            return
+        grad = log_sigma.grad if log_sigma.grad is not None else torch.zeros_like(log_sigma)
+        if self.trainer.accelerator.num_processes > 1:
+            grad = self.trainer.accelerator.reduce(grad, reduction="mean")
+        finite = bool(torch.isfinite(grad).all())
+        self.trainer._metrics["train"]["alp/faults/sigma_grad_nonfinite"].append(float(not finite))
+        log_sigma.grad = grad if finite else torch.zeros_like(grad)  # a bad step must not corrupt σ
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.alp_perturbation.log_sigma.grad = None  # the Trainer only calls model.zero_grad()
@@ -222,9 +227,17 @@ class ALPGRPOTrainer(GRPOTrainer):
             compute_aux_loss=self.aux_loss_enabled,
             **{key: inputs.get(key) for key in _FORWARD_KEYS},
         )
-        # Tokens the engine could not score (NaN/inf) carry no ratio: drop them from the loss.
-        mask = mask * torch.isfinite(rollout_logps)
-        rollout_logps = torch.nan_to_num(rollout_logps, nan=0.0, posinf=0.0, neginf=0.0)
+        # Faults: tokens the engine could not score (vLLM reports NaN) or whose training log-prob is not finite carry
+        # no ratio. They are counted, dropped from the loss and zeroed (so no NaN reaches σ or the weights).
+        rollout_ok, numerator_ok = torch.isfinite(rollout_logps), torch.isfinite(per_token_logps.detach())
+        faults = torch.stack([(mask * ~rollout_ok).sum(), (mask * ~numerator_ok).sum()]).float()
+        faults = self.accelerator.reduce(faults, reduction="sum").tolist()
+        self._metrics[mode]["alp/faults/rollout_nonfinite"].append(faults[0])
+        self._metrics[mode]["alp/faults/numerator_nonfinite"].append(faults[1])
+        mask = mask * rollout_ok * numerator_ok
+        rollout_logps = torch.where(rollout_ok, rollout_logps, 0.0)
+        per_token_logps = torch.where(numerator_ok, per_token_logps, 0.0)
+        entropies = torch.nan_to_num(entropies, nan=0.0, posinf=0.0, neginf=0.0)
         advantages = inputs["advantages"]
         advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
         args = self.args
