@@ -1,4 +1,4 @@
-"""``trl-alp`` command line (also ``python -m trl_alp``): ``train``, ``demo`` and ``plot``.
+"""``trl-alp`` command line (also ``python -m trl_alp``): ``train``, ``demo``, ``plot`` and ``bench``.
 
 ``train`` is built on TRL's `TrlParser`, so flags and ``--config recipe.yaml`` work like ``trl grpo``.
 Bad input ends with one line on stderr and exit status 2, not a traceback.
@@ -13,11 +13,12 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-USAGE = """usage: trl-alp {train,demo,plot} [options]
+USAGE = """usage: trl-alp {train,demo,plot,bench} [options]
 
   train   train with ALPGRPOTrainer: trl-alp train --config recipe.yaml [--flag value ...]
   demo    GRPO vs Bypass vs ALP on an embedded default (offline): trl-alp demo [--model tiny]
   plot    ratio-envelope PNG from run folders: trl-alp plot RUN_DIR [RUN_DIR ...] --output envelopes.png
+  bench   ALPGRPOTrainer vs GRPOTrainer step time (and peak memory on CUDA): trl-alp bench [--model smollm2]
 
 Run `trl-alp COMMAND --help` for the options of a command."""
 
@@ -163,6 +164,16 @@ def demo(argv: list[str]) -> None:
     run_demo(args)
 
 
+def bench(argv: list[str]) -> None:
+    from trl import TrlParser
+
+    from .bench import BenchArguments
+    from .bench import main as run
+
+    (args,) = TrlParser((BenchArguments,), prog="trl-alp bench").parse_args_and_config(argv)
+    run(args)
+
+
 def plot(argv: list[str]) -> None:
     from .plot import plot_envelopes
 
@@ -176,7 +187,7 @@ def plot(argv: list[str]) -> None:
     print(f"wrote {args.output}")
 
 
-COMMANDS = {"train": train, "demo": demo, "plot": plot}
+COMMANDS = {"train": train, "demo": demo, "plot": plot, "bench": bench}
 
 
 def main(argv: list[str] | None = None) -> int:

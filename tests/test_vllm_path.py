@@ -1,0 +1,112 @@
+"""The vLLM path without a GPU: a stand-in engine feeds TRL's `sampling_per_token_logps`, and the real TRL weight-sync
+iterator shows what a sync would send."""
+
+import math
+
+import pytest
+import torch
+import trl.trainer.grpo_trainer as grpo_module
+from trl.generation.vllm_generation import VLLMGeneration
+
+from trl_alp.rollout import record_generate_logprobs
+
+SHIFT = 1.0  # the fake engine reports log μ = log π − SHIFT, so the token ratio π/μ is exactly e
+
+
+class FakeVLLM:
+    """Samples with the training model and reports its log-probs shifted by SHIFT, in vLLM's output format."""
+
+    instances: list = []
+    _iter_named_params = VLLMGeneration._iter_named_params
+    _fix_param_name_to_vllm = VLLMGeneration._fix_param_name_to_vllm
+
+    def __init__(self, model, accelerator, processing_class, **kwargs):
+        from trl.distributed import DistributedBackend
+
+        self.model, self.accelerator, self.tokenizer = model, accelerator, processing_class
+        self.temperature, self.max_completion_length = kwargs["temperature"], kwargs["max_completion_length"]
+        self._dist = DistributedBackend(accelerator)
+        self.synced: list[list[str]] = []
+        FakeVLLM.instances.append(self)
+
+    def sync_weights(self):
+        self.synced.append([name for name, _ in self._iter_named_params()])
+
+    def generate(self, prompts, images, num_generations, profiler=None):
+        model = self.accelerator.unwrap_model(self.model)
+        pad = self.tokenizer.pad_token_id
+        completion_ids, logprobs = [], []
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            with torch.no_grad(), record_generate_logprobs(model, self.temperature) as recorder:
+                out = model.generate(
+                    ids,
+                    do_sample=True,
+                    temperature=self.temperature,
+                    top_k=0,
+                    max_new_tokens=self.max_completion_length,
+                    pad_token_id=pad,
+                )
+            new = out[0, ids.size(1) :].tolist()
+            completion_ids.append(new)
+            logprobs.append([[lp - SHIFT] for lp in recorder.results[-1][0].tolist()])
+        return prompts, completion_ids, logprobs, None
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    FakeVLLM.instances.clear()
+    monkeypatch.setattr(grpo_module, "VLLMGeneration", FakeVLLM)
+    return FakeVLLM.instances
+
+
+def _last(trainer, key):
+    return [h[key] for h in trainer.state.log_history if key in h][-1]
+
+
+def test_vllm_logprobs_are_the_denominator_and_trls_correction_is_off(make_trainer, fake_vllm, caplog):
+    trainer = make_trainer(
+        max_steps=1, use_vllm=True, vllm_mode="colocate", correction="token-bypass", learning_rate=0.0
+    )
+    assert trainer.use_vllm and not trainer.vllm_importance_sampling_correction  # not applied twice
+    old_passes = []
+    original = type(trainer)._get_per_token_logps_and_entropies
+
+    def counting(self, model, *args, **kwargs):
+        out = original(self, model, *args, **kwargs)
+        if out[0] is not None and not torch.is_grad_enabled():
+            old_passes.append(1)
+        return out
+
+    trainer._get_per_token_logps_and_entropies = counting.__get__(trainer)
+    trainer.train()
+    # Unperturbed, no update yet: π equals the sampler, so the ratio is exactly the engine's shift.
+    assert _last(trainer, "alp/ratio/token/q50") == pytest.approx(math.e, rel=1e-3)
+    assert _last(trainer, "alp/mismatch/k1_kl") == pytest.approx(-SHIFT, abs=1e-3)
+    assert old_passes == []  # TRL would run an old-log-prob pass for its vLLM correction; ALP does not
+
+
+def test_weight_sync_never_sends_sigma(make_trainer, fake_vllm, tokenizer):
+    from peft import LoraConfig
+
+    for peft_config in (None, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])):
+        fake_vllm.clear()
+        trainer = make_trainer(max_steps=2, use_vllm=True, vllm_mode="colocate", peft_config=peft_config)
+        trainer.train()
+        synced = fake_vllm[0].synced
+        assert synced, "weights were never synced"
+        base = set(trainer.accelerator.unwrap_model(trainer.model).state_dict()) if peft_config is None else None
+        for names in synced:
+            assert not any("sigma" in n or "lora_" in n for n in names)
+            if base is not None:
+                assert set(names) <= base
+        assert torch.isfinite(trainer.alp_perturbation.log_sigma).all()
+
+
+def test_vllm_with_emulated_engine_is_rejected():
+    from trl_alp import ALPConfig
+
+    with pytest.raises(ValueError, match="vLLM is the engine"):
+        ALPConfig(
+            output_dir="x", use_vllm=True, alp_rollout_dtype="bfloat16", bf16=False, use_cpu=True, report_to="none"
+        )
