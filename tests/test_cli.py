@@ -82,9 +82,32 @@ def test_bad_input_gives_one_line_error(argv, message, capsys, tmp_path, monkeyp
 def test_missing_dataset_column(tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
-    argv = ["train", "--model_name_or_path", "tiny", "--dataset_name", str(data), "--bf16", "false", "--use_cpu", "true"]
+    argv = [
+        "train",
+        "--model_name_or_path",
+        "tiny",
+        "--dataset_name",
+        str(data),
+        "--bf16",
+        "false",
+        "--use_cpu",
+        "true",
+    ]
     assert main(argv + ["--output_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     last = err.splitlines()[-1]
     assert last.startswith("trl-alp train: error: ") and "Traceback" not in err
     assert "needs ['prompt']" in last and "--dataset_format gsm8k" in last
+
+
+def test_bench_tiny_json(tmp_path, capsys):
+    argv = ["bench", "--model", "tiny", "--steps", "1", "--warmup", "0", "--repeats", "1"]
+    assert main([*argv, "--json", "--max_completion_length", "8", "--output_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    results = json.loads(out[out.index("{") :])
+    for scenario in ("no-correction", "old-logprobs"):
+        row = results[scenario]
+        assert row["grpo_s"] > 0 and row["alp_s"] > 0
+        assert row["time_ratio"] == pytest.approx(row["alp_s"] / row["grpo_s"])
+        assert row["n_steps"] == 1
+    assert results["device"] == "cpu"

@@ -9,6 +9,7 @@ from trl_alp.perturbation import (
     LayerPerturbation,
     add_seeded_noise,
     find_decoder_layers,
+    hidden_rms,
     noise_seed,
     parse_layer_spec,
     seeded_noise,
@@ -260,3 +261,27 @@ def test_noise_identical_under_both_checkpointing_styles():
 def test_invalid_init_sigma():
     with pytest.raises(ValueError, match="alp_init_sigma"):
         LayerPerturbation(nn.ModuleList([nn.Linear(1, 1)]), [0], init_sigma=0.0)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes autograd keeps for backward while running `fn` (via saved-tensor hooks)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved)
+
+
+def test_noise_keeps_no_activation_memory():
+    hidden = torch.randn(4, 64, 256, requires_grad=True)
+    sigma = torch.tensor([0.02], requires_grad=True)
+    eps = torch.randn_like(hidden)
+    plain = _saved_bytes(lambda: hidden + sigma * eps)  # the textbook formulation keeps ε for dL/dσ
+    assert plain >= hidden.numel() * 4
+    assert _saved_bytes(lambda: add_seeded_noise(hidden, sigma, seed=1)) == 0
+    relative = _saved_bytes(lambda: add_seeded_noise(hidden, sigma, 1, hidden_rms(hidden)))
+    assert relative == 4 * 64 * 4  # relative σ keeps only the per-token RMS: (B, S, 1) fp32
