@@ -104,7 +104,7 @@ def test_bench_tiny_json(tmp_path, capsys):
     argv = ["bench", "--model", "tiny", "--steps", "1", "--warmup", "0", "--repeats", "1"]
     assert main([*argv, "--json", "--max_completion_length", "8", "--output_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    results = json.loads(out[out.index("{") :])
+    results = json.loads(out)  # stdout holds the JSON only
     for scenario in ("no-correction", "old-logprobs"):
         row = results[scenario]
         assert row["grpo_s"] > 0 and row["alp_s"] > 0

@@ -95,6 +95,10 @@ def _run(args: BenchArguments, kind: str, scenario: str) -> tuple[list[float], i
         processing_class=tokenizer,
         peft_config=lora,
     )
+    from transformers import PrinterCallback, ProgressCallback
+
+    for callback in (PrinterCallback, ProgressCallback):  # keep stdout for the table / JSON
+        trainer.remove_callback(callback)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
