@@ -16,9 +16,8 @@ import trl_alp.perturbation as perturbation
 from trl_alp import ALPConfig, ALPGRPOTrainer
 from trl_alp.tiny import build_tiny_model, build_tokenizer
 
-
-def reward(completions, **kwargs):
-    return [float(len(c[0]["content"]) % 5) for c in completions]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tiny_setup import PROMPT_ROWS, TRAINER_SETTINGS, length_reward  # noqa: E402
 
 
 def main(out_dir: str) -> None:
@@ -31,27 +30,14 @@ def main(out_dir: str) -> None:
 
     perturbation.noise_seed = recording
     tokenizer = build_tokenizer()
-    rows = [{"prompt": [{"role": "user", "content": f"What is {a} plus {b}?"}]} for a in range(6) for b in range(6)]
     args = ALPConfig(
-        output_dir=os.path.join(out_dir, "run"),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=8,
-        max_steps=3,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        bf16=False,
-        use_cpu=True,
-        seed=0,
-        ddp_backend="gloo",
+        **{**TRAINER_SETTINGS, "max_steps": 3}, output_dir=os.path.join(out_dir, "run"), ddp_backend="gloo"
     )
     trainer = ALPGRPOTrainer(
         model=build_tiny_model(tokenizer),
-        reward_funcs=reward,
+        reward_funcs=length_reward,
         args=args,
-        train_dataset=Dataset.from_list(rows),
+        train_dataset=Dataset.from_list(PROMPT_ROWS),
         processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     )

@@ -1,0 +1,144 @@
+"""Execute every cell of the Colab notebooks in smoke mode (tiny in-code model, offline, CPU) and check their effects.
+
+The kernel is the ``python3`` kernelspec of the environment running pytest: jupyter_client replaces a spec's
+``python`` executable by ``sys.executable``, and ipykernel provides the spec when none is registered.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbclient
+import nbformat
+import pytest
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+QUICKSTART = "alp_grpo_lora_quickstart"
+MISMATCH = "alp_vs_baselines_mismatch"
+NOTEBOOKS = [QUICKSTART, MISMATCH]
+SMOKE_STEPS = 2
+CELL_TIMEOUT_S = 300
+
+
+def _read(name: str):
+    return nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+
+
+def _code_cells(nb):
+    return [cell for cell in nb.cells if cell.cell_type == "code"]
+
+
+def _outputs(nb, output_type: str, mime: str) -> list[str]:
+    return [
+        out["data"][mime]
+        for cell in _code_cells(nb)
+        for out in cell.outputs
+        if out.output_type == output_type and mime in out.get("data", {})
+    ]
+
+
+def _stdout(nb) -> str:
+    return "".join(
+        out.text
+        for cell in _code_cells(nb)
+        for out in cell.outputs
+        if out.output_type == "stream" and out.name == "stdout"
+    )
+
+
+def _log_history(run_dir: Path) -> list[dict]:
+    state = run_dir / "trainer_state.json"
+    assert state.is_file(), f"{state} missing"
+    return json.loads(state.read_text())["log_history"]
+
+
+def _assert_png(path: Path) -> None:
+    assert path.is_file(), f"{path} missing"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_notebook_is_clean(name):
+    """Valid nbformat, Colab-ready metadata, no outputs, and a parameters cell first that reads the smoke flag."""
+    nb = _read(name)
+    nbformat.validate(nb)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    for cell in _code_cells(nb):
+        assert cell.outputs == [], f"{name}: a code cell has saved outputs"
+        assert cell.execution_count is None, f"{name}: a code cell has an execution count"
+    first = _code_cells(nb)[0].source
+    assert "TRL_ALP_NOTEBOOK_SMOKE" in first and "TRL_ALP_NOTEBOOK_OUT" in first
+    install = [c.source for c in _code_cells(nb) if "%pip install" in c.source]
+    assert install and all("if not SMOKE:" in source for source in install), "the install cell must be smoke-guarded"
+
+
+def _execute(name: str, tmp_path: Path, monkeypatch) -> tuple[object, Path]:
+    out = tmp_path / "out"
+    for key, value in {
+        "TRL_ALP_NOTEBOOK_SMOKE": "1",
+        "TRL_ALP_NOTEBOOK_OUT": str(out),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "MPLBACKEND": "Agg",
+        "TOKENIZERS_PARALLELISM": "false",
+    }.items():
+        monkeypatch.setenv(key, value)  # the kernel process inherits the environment
+    nb = _read(name)
+    client = nbclient.NotebookClient(
+        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
+    assert all(cell.execution_count is not None for cell in _code_cells(nb)), "a code cell did not run"
+    return nb, out
+
+
+def _check_quickstart(nb, out: Path) -> None:
+    run_dir = out / QUICKSTART
+
+    history = _log_history(run_dir)
+    steps = [entry for entry in history if "alp/ratio/seq/q50" in entry]
+    assert [entry["step"] for entry in steps] == list(range(1, SMOKE_STEPS + 1))
+    assert all("alp/sigma/mean" in entry and "reward" in entry for entry in steps)
+
+    adapter = run_dir / "adapter"
+    for filename in ("adapter_model.safetensors", "adapter_config.json", "alp_state.json"):
+        assert (adapter / filename).is_file(), f"{filename} not saved"
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert len(json.loads((adapter / "alp_state.json").read_text())["sigma"]) == 2  # one σ per tiny-model layer
+
+    _assert_png(run_dir / "envelopes.png")
+    assert _outputs(nb, "display_data", "image/png"), "the envelope plot was not displayed"
+    stdout = _stdout(nb)
+    assert "accuracy before training:" in stdout and "accuracy before:" in stdout and "after:" in stdout
+    assert "smoke=True" in stdout
+
+
+def _check_mismatch(nb, out: Path) -> None:
+    report = out / MISMATCH
+    corrections = ["seq-bypass", "seq-mis", "seq-alp"]
+
+    for correction in corrections:
+        history = _log_history(report / correction)
+        steps = [entry for entry in history if "alp/ratio/seq/q50" in entry]
+        assert [entry["step"] for entry in steps] == list(range(1, SMOKE_STEPS + 1)), correction
+        assert all("alp/mismatch/k3_kl" in entry for entry in steps), correction
+        assert any("alp/sigma/mean" in entry for entry in steps) == (correction == "seq-alp"), correction
+
+    _assert_png(report / "envelopes.png")
+    assert _outputs(nb, "display_data", "image/png"), "the envelope plot was not displayed"
+    tables = _outputs(nb, "display_data", "text/markdown")
+    assert tables, "the results table was not displayed"
+    for correction in corrections:
+        assert f"| {correction} |" in tables[-1]
+    assert (report / "results.md").read_text().strip() == tables[-1].strip()
+
+
+CHECKS = {QUICKSTART: _check_quickstart, MISMATCH: _check_mismatch}
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_in_smoke_mode(name, tmp_path, monkeypatch):
+    """Every cell runs offline on CPU, and the run folders, plots, tables and adapter it promises are on disk."""
+    nb, out = _execute(name, tmp_path, monkeypatch)
+    CHECKS[name](nb, out)

@@ -1,0 +1,22 @@
+"""Settings shared by the in-process tests (conftest.py) and the multi-process worker: one tiny GRPO setup."""
+
+PROMPT_ROWS = [{"prompt": [{"role": "user", "content": f"What is {a} plus {b}?"}]} for a in range(6) for b in range(6)]
+
+TRAINER_SETTINGS = dict(
+    per_device_train_batch_size=4,
+    num_generations=4,
+    max_completion_length=8,
+    max_steps=2,
+    learning_rate=1e-2,
+    logging_steps=1,
+    report_to="none",
+    save_strategy="no",
+    bf16=False,
+    use_cpu=True,
+    seed=0,
+)
+
+
+def length_reward(completions, **kwargs):
+    """A cheap reward with spread inside each group, so advantages are non-zero."""
+    return [float(len(c[0]["content"]) % 5) for c in completions]
