@@ -240,6 +240,12 @@ def test_beta_kl_is_logged(make_trainer, tmp_path, tokenizer):
         ({"alp_epsilon_low": 1.0}, r"alp_epsilon_low must be in \(0, 1\)"),
         ({"alp_dual_clip": 2.0}, "alp_dual_clip must be > 1 \\+ alp_epsilon_high"),
         ({"alp_layers": "3-1"}, "alp_layers"),
+        ({"alp_layers": [0, 1.5]}, "ints only"),
+        ({"rollout_is_min": 5.0, "rollout_is_max": 2.0}, r"rollout_is_min \(5.0\) must be < rollout_is_max"),
+        ({"rollout_is_max": float("inf")}, "rollout_is_max must be a finite"),
+        ({"alp_rollout_dtype": "int8"}, "alp_rollout_dtype must be one of"),
+        ({"alp_rollout_weight_bits": 3}, "alp_rollout_weight_bits must be one of"),
+        ({"alp_sigma_learning_rate": -1.0}, "alp_sigma_learning_rate must be >= 0"),
     ],
 )
 def test_config_validation(overrides, match):
@@ -260,3 +266,16 @@ def test_config_validation(overrides, match):
 def test_trainer_rejects_what_alp_cannot_honour(make_trainer, overrides, match):
     with pytest.raises(ValueError, match=match):
         make_trainer(**overrides)
+
+
+def test_relative_sigma_on_a_model_without_known_layers(make_trainer, tokenizer):
+    model = build_tiny_model(tokenizer)
+    model.model.blocks = model.model.layers  # an unknown layout: no container at any known path
+    del model.model.layers
+    with pytest.raises(ValueError, match="Could not find the decoder layers.*alp_layers_path"):
+        make_trainer(model=model, alp_relative_sigma=True)
+
+
+def test_layer_list_selection(make_trainer, tokenizer):
+    trainer = make_trainer(model=build_tiny_model(tokenizer, num_layers=4), alp_layers=[3, 1])
+    assert trainer.alp_perturbation.layer_indices == [1, 3]

@@ -1,7 +1,8 @@
 """``trl-alp bench``: the cost of ALP against TRL's `GRPOTrainer` on the user's own hardware.
 
-Two scenarios, same model, data and seed, runs interleaved (GRPO, ALP, GRPO, ALP, ...), median of TRL's per-step
-``step_time`` (generation included, since it is part of every step a user pays for):
+Two scenarios, same model, data and seed, runs interleaved (GRPO, ALP, GRPO, ALP, ...). The unit is one generation
+cycle (``num_iterations`` optimizer steps that share one generation), timed from TRL's per-step ``step_time``
+(generation included, since every user pays for it); the table shows the median cycle divided by its steps:
 
 * ``no-correction``: GRPO with TRL's defaults (no old-log-prob pass) vs ``seq-alp``;
 * ``old-logprobs``: both with ``num_iterations=2``, where GRPO recomputes old log-probs and ALP does not.
@@ -30,15 +31,15 @@ class BenchArguments:
     """Arguments of ``trl-alp bench``."""
 
     model: str = field(default="tiny", metadata={"help": "'tiny', 'smollm2' (LoRA), or a local model path (LoRA)."})
-    steps: int = field(default=4, metadata={"help": "Measured optimizer steps per run (after the warm-up)."})
-    warmup: int = field(default=1, metadata={"help": "Warm-up steps per run, not measured."})
+    cycles: int = field(default=3, metadata={"help": "Measured generation cycles per run (after the warm-up)."})
+    warmup: int = field(default=1, metadata={"help": "Warm-up generation cycles per run, not measured."})
     repeats: int = field(default=2, metadata={"help": "Interleaved repetitions of every run."})
     max_completion_length: int = field(default=32, metadata={"help": "Tokens per completion."})
     json: bool = field(default=False, metadata={"help": "Print the results as JSON instead of a table."})
     output_dir: str = field(default="runs/bench", metadata={"help": "Scratch folder for the runs."})
 
     def __post_init__(self):
-        for name in ("steps", "repeats"):
+        for name in ("cycles", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
@@ -68,9 +69,10 @@ def _run(args: BenchArguments, kind: str, scenario: str) -> tuple[list[float], i
     from .trainer import ALPGRPOTrainer
 
     cuda = torch.cuda.is_available()
+    cycle = SCENARIOS[scenario].get("num_iterations", 1)
     settings = dict(
         output_dir=f"{args.output_dir}/{scenario}-{kind}",
-        max_steps=args.warmup + args.steps,
+        max_steps=(args.warmup + args.cycles) * cycle,
         per_device_train_batch_size=8,
         num_generations=8,
         max_completion_length=args.max_completion_length,
@@ -102,7 +104,8 @@ def _run(args: BenchArguments, kind: str, scenario: str) -> tuple[list[float], i
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    times = [h["step_time"] for h in trainer.state.log_history if "step_time" in h][args.warmup :]
+    steps = [h["step_time"] for h in trainer.state.log_history if "step_time" in h][args.warmup * cycle :]
+    times = [sum(steps[i : i + cycle]) / cycle for i in range(0, len(steps), cycle)]  # per-step time of each cycle
     peak = torch.cuda.max_memory_allocated() if cuda else None
     del trainer, model
     if cuda:
@@ -126,7 +129,7 @@ def run_bench(args: BenchArguments) -> dict:
     for scenario in SCENARIOS:
         grpo = statistics.median(samples[(scenario, "grpo")])
         alp = statistics.median(samples[(scenario, "alp")])
-        row = {"grpo_s": grpo, "alp_s": alp, "time_ratio": alp / grpo, "n_steps": len(samples[(scenario, "alp")])}
+        row = {"grpo_s": grpo, "alp_s": alp, "time_ratio": alp / grpo, "n_cycles": len(samples[(scenario, "alp")])}
         if (scenario, "alp") in peaks:
             row["grpo_peak_bytes"] = peaks[(scenario, "grpo")]
             row["alp_peak_bytes"] = peaks[(scenario, "alp")]

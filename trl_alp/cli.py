@@ -57,6 +57,19 @@ class TrainScriptArguments:
     )
 
 
+def _parser(dataclass_types, prog: str):
+    """A `TrlParser` whose usage errors raise `CLIError` (one line) instead of printing the whole usage."""
+    from trl import TrlParser
+
+    parser = TrlParser(dataclass_types, prog=prog)
+
+    def error(message):
+        raise CLIError(f"{message} (see `{prog} --help`)")
+
+    parser.error = error
+    return parser
+
+
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
@@ -124,12 +137,12 @@ def _resolve_model(name: str | None):
 
 
 def train(argv: list[str]) -> None:
-    from trl import ModelConfig, TrlParser, get_peft_config
+    from trl import ModelConfig, get_peft_config
 
     from .config import ALPConfig
     from .trainer import ALPGRPOTrainer
 
-    parser = TrlParser((TrainScriptArguments, ALPConfig, ModelConfig), prog="trl-alp train")
+    parser = _parser((TrainScriptArguments, ALPConfig, ModelConfig), "trl-alp train")
     script, config, model_args = parser.parse_args_and_config(argv)
     dataset = _load_dataset(script)
     rewards = [_load_reward(name) for name in script.reward_funcs]
@@ -156,21 +169,17 @@ def train(argv: list[str]) -> None:
 
 
 def demo(argv: list[str]) -> None:
-    from trl import TrlParser
-
     from .demo import DemoArguments, run_demo
 
-    (args,) = TrlParser((DemoArguments,), prog="trl-alp demo").parse_args_and_config(argv)
+    (args,) = _parser((DemoArguments,), "trl-alp demo").parse_args_and_config(argv)
     run_demo(args)
 
 
 def bench(argv: list[str]) -> None:
-    from trl import TrlParser
-
     from .bench import BenchArguments
     from .bench import main as run
 
-    (args,) = TrlParser((BenchArguments,), prog="trl-alp bench").parse_args_and_config(argv)
+    (args,) = _parser((BenchArguments,), "trl-alp bench").parse_args_and_config(argv)
     run(args)
 
 

@@ -121,7 +121,8 @@ class ALPGRPOTrainer(GRPOTrainer):
             return LayerPerturbation(torch.nn.ModuleList(), [], args.alp_init_sigma, learnable=False, seed=seed)
         layers_path, layers = find_decoder_layers(self.model, args.alp_layers_path)
         indices = parse_layer_spec(args.alp_layers, len(layers))
-        final = unwrap_model(self.model).base_model if args.alp_layers.strip().lower() == "logits" else None
+        logits_only = isinstance(args.alp_layers, str) and args.alp_layers.strip().lower() == "logits"
+        final = unwrap_model(self.model).base_model if logits_only else None
         logger.info(
             "ALP: correction=%s, noise on %s",
             self.correction.name,
