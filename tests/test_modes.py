@@ -171,3 +171,11 @@ def test_envelope_plot_writes_png_of_the_logged_values(make_trainer, tmp_path):
 def test_plot_reports_missing_runs(tmp_path):
     with pytest.raises(FileNotFoundError, match="trainer_state.json"):
         load_log_history(str(tmp_path))
+
+
+@pytest.mark.parametrize("correction", ["seq-alp", "grpo"])
+def test_evaluation_is_unperturbed_and_logged(make_trainer, prompt_dataset, noise_calls, correction):
+    trainer = make_trainer(max_steps=1, correction=correction, per_device_eval_batch_size=4)
+    metrics = trainer.evaluate(prompt_dataset.select(range(4)))
+    assert noise_calls == []  # no noise in evaluation
+    assert math.isfinite(metrics["eval_alp/ratio/seq/q50"]) and math.isfinite(metrics["eval_loss"])

@@ -113,6 +113,7 @@ class ALPGRPOTrainer(GRPOTrainer):
                 "ratio ignores the truncation."
             )
         self._alp_skip_old_pass = False
+        self._alp_capture_loss_logps = False
         self.add_callback(_SigmaGradCallback(self))
 
     def _build_perturbation(self, args: ALPConfig) -> LayerPerturbation:
@@ -181,10 +182,11 @@ class ALPGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         # ALP and Bypass use the rollout log-probs as denominator, so TRL's extra no-grad "old" pass is not needed.
+        # TRL runs it exactly when generation and optimizer steps are misaligned (its vLLM IS correction, the other
+        # trigger, is off in this trainer).
         generate_every = self.args.steps_per_generation * self.num_iterations
-        self._alp_skip_old_pass = not self.correction.uses_old_logps and (
-            self.args.gradient_accumulation_steps % generate_every != 0
-            or (self.use_vllm and self.vllm_importance_sampling_correction)
+        self._alp_skip_old_pass = (
+            not self.correction.uses_old_logps and self.args.gradient_accumulation_steps % generate_every != 0
         )
         try:
             return super()._generate_and_score_completions(inputs)
@@ -196,7 +198,7 @@ class ALPGRPOTrainer(GRPOTrainer):
             self._alp_skip_old_pass = False
             return None, None, None
         out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
-        if torch.is_grad_enabled():  # the loss forward: kept for the diagnostics of correction="grpo"
+        if self._alp_capture_loss_logps:  # TRL's loss forward: kept for the diagnostics of correction="grpo"
             self._alp_loss_logps = out[0]
         return out
 
@@ -208,7 +210,12 @@ class ALPGRPOTrainer(GRPOTrainer):
         )
         rollout_logps = inputs.get("sampling_per_token_logps")
         if self.correction.family == "grpo":  # TRL's own loss; only the diagnostics are ours
-            loss = super()._compute_loss(model, inputs)
+            self._alp_loss_logps = None
+            self._alp_capture_loss_logps = True
+            try:
+                loss = super()._compute_loss(model, inputs)
+            finally:
+                self._alp_capture_loss_logps = False
             if rollout_logps is not None:
                 self._log_diagnostics(mode, inputs, self._alp_loss_logps, rollout_logps, mask)
             return loss
