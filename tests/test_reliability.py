@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from trl_alp import ALPGRPOTrainer
@@ -143,6 +143,7 @@ advantage = st.floats(min_value=-50.0, max_value=50.0, allow_nan=False)
     advantage,
     st.sampled_from(["token", "sequence", "geometric"]),
 )
+@example([(-108.0912095722324, 0.0)], 0.0, "sequence")  # once gave -20.000002: the value must be exactly clamped
 def test_extreme_logprobs_give_finite_bounded_losses(pairs, adv, level):
     logps = torch.tensor([[p for p, _ in pairs]], dtype=torch.float32, requires_grad=True)
     rollout = torch.tensor([[q for _, q in pairs]], dtype=torch.float32)

@@ -46,7 +46,7 @@ def alp_log_weights(
     if level not in RATIO_LEVELS:
         raise ValueError(f"ratio level must be one of {RATIO_LEVELS}, got {level!r}")
     seq = sequence_log_ratio(logps.detach(), rollout_logps, mask, level).unsqueeze(-1)
-    return seq + logps - logps.detach()
+    return seq + (logps - logps.detach())  # exactly seq in value (no rounding), per-token gradient
 
 
 def clipped_surrogate(
