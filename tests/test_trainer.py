@@ -175,7 +175,13 @@ def test_checkpoint_resume_restores_sigma_and_matches_an_uninterrupted_run(make_
     resumed._load_optimizer_and_scheduler = spy
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
     torch.testing.assert_close(loaded[0], torch.tensor(saved["log_sigma"]))
-    # Same σ, same data, same noise coordinates: the resumed run ends where the uninterrupted one did.
+
+    # Same σ, same data, same noise coordinates: the resumed step is the uninterrupted one, to the last bit.
+    def step2(trainer, key):
+        return next(h[key] for h in trainer.state.log_history if h.get("step") == 2 and key in h)
+
+    for key in ("loss", "alp/ratio/seq/q50", "alp/mismatch/k3_kl"):
+        assert step2(resumed, key) == step2(full, key), key
     torch.testing.assert_close(resumed.alp_perturbation.log_sigma, full.alp_perturbation.log_sigma)
 
 
@@ -279,3 +285,17 @@ def test_relative_sigma_on_a_model_without_known_layers(make_trainer, tokenizer)
 def test_layer_list_selection(make_trainer, tokenizer):
     trainer = make_trainer(model=build_tiny_model(tokenizer, num_layers=4), alp_layers=[3, 1])
     assert trainer.alp_perturbation.layer_indices == [1, 3]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "ignored"),
+    [
+        ({"correction": "seq-bypass", "alp_init_sigma": 0.1, "alp_layers": "late"}, "alp_layers, alp_init_sigma"),
+        ({"correction": "grpo", "alp_dual_clip": 20.0}, "alp_dual_clip"),
+        ({"correction": "seq-alp", "rollout_is_max": 5.0}, "rollout_is_max"),
+    ],
+)
+def test_options_that_cannot_apply_say_so(make_trainer, caplog, overrides, ignored):
+    with caplog.at_level(logging.WARNING, logger="trl_alp"):
+        make_trainer(max_steps=1, **overrides)
+    assert f"{ignored} do not apply to correction={overrides['correction']!r}" in caplog.text

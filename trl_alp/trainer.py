@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -441,8 +442,30 @@ class ALPGRPOTrainer(GRPOTrainer):
                 self.alp_perturbation.log_sigma.copy_(torch.tensor(state["log_sigma"]))
 
 
+# ALP fields that only matter for some corrections: (applies?, fields).
+_FIELD_SCOPES = (
+    (
+        lambda c: c.perturbs,
+        ("alp_layers", "alp_layers_path", "alp_init_sigma", "alp_learn_sigma", "alp_sigma_learning_rate")
+        + ("alp_sigma_weight_decay", "alp_relative_sigma", "alp_noise_seed"),
+    ),
+    (lambda c: c.family in ("alp", "bypass"), ("alp_epsilon_low", "alp_epsilon_high", "alp_dual_clip")),
+    (lambda c: c.family in ("tis", "mis"), ("rollout_is_min", "rollout_is_max")),
+)
+
+
+def _warn_unused_fields(args: ALPConfig) -> None:
+    """Say which ALP fields the chosen correction ignores, when the user changed them."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ALPConfig)}
+    for applies, names in _FIELD_SCOPES:
+        changed = [n for n in names if getattr(args, n) != defaults[n]]
+        if changed and not applies(args.parsed_correction):
+            logger.warning("%s do not apply to correction=%r and are ignored.", ", ".join(changed), args.correction)
+
+
 def _check_compatible(args: ALPConfig) -> None:
     """Reject TRL options the chosen correction cannot honour, before the model is loaded."""
+    _warn_unused_fields(args)
     if args.correction == "grpo":
         return  # TRL's own loss: every TRL option applies
     if args.delta is not None:
