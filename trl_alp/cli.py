@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 USAGE = """usage: trl-alp {train,demo,plot,bench} [options]
@@ -209,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trl-alp: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # transformers' deprecation notices about arguments TRL sets itself are not actionable from this command line
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     logging.getLogger("trl_alp").setLevel(logging.INFO)
     try:
         COMMANDS[command](rest)
