@@ -1,6 +1,7 @@
 """Diagnostics of the importance ratio and of the training–rollout mismatch, as plain floats.
 
-Inputs are already gathered across processes (NaN marks padding); every function ignores NaN entries.
+Inputs are already gathered across processes (NaN marks padding); every function ignores NaN entries and reads its
+results back to the host in one transfer (one device sync per function, not one per number).
 """
 
 from __future__ import annotations
@@ -34,9 +35,7 @@ def quantile_stats(values: torch.Tensor) -> dict[str, float]:
     if values.numel() == 0:
         return {name: math.nan for name in (*QUANTILES, "min", "max")}
     qs = torch.quantile(values, torch.tensor(list(QUANTILES.values()), dtype=values.dtype, device=values.device))
-    stats = dict(zip(QUANTILES, qs.tolist(), strict=True))
-    stats["min"], stats["max"] = values.min().item(), values.max().item()
-    return stats
+    return dict(zip((*QUANTILES, "min", "max"), torch.cat([qs, torch.stack(values.aminmax())]).tolist(), strict=True))
 
 
 def mismatch_stats(token_log_ratio: torch.Tensor, seq_mean_log_ratio: torch.Tensor) -> dict[str, float]:
@@ -52,13 +51,9 @@ def mismatch_stats(token_log_ratio: torch.Tensor, seq_mean_log_ratio: torch.Tens
     """
     log_r = _finite(token_log_ratio)
     seq = _finite(seq_mean_log_ratio)
-    nan = math.nan
-    return {
-        "k1_kl": (-log_r).mean().item() if log_r.numel() else nan,
-        "k3_kl": (torch.exp(log_r) - 1 - log_r).mean().item() if log_r.numel() else nan,
-        "abs_logp_diff": log_r.abs().mean().item() if log_r.numel() else nan,
-        "log_ppl_diff": (-seq).mean().item() if seq.numel() else nan,
-    }
+    # mean() of an empty tensor is NaN, which is the value to report when nothing was sampled
+    values = torch.stack([(-log_r).mean(), (torch.exp(log_r) - 1 - log_r).mean(), log_r.abs().mean(), (-seq).mean()])
+    return dict(zip(("k1_kl", "k3_kl", "abs_logp_diff", "log_ppl_diff"), values.tolist(), strict=True))
 
 
 def weight_diagnostics(log_ratio: torch.Tensor) -> dict[str, float]:
@@ -73,8 +68,7 @@ def weight_diagnostics(log_ratio: torch.Tensor) -> dict[str, float]:
     if log_w.numel() == 0:
         return dict.fromkeys(names, math.nan)
     w = torch.exp(log_w)
-    stats = {"chi2": (w.pow(2).mean() - 1).item(), "ess": (w.sum().pow(2) / (w.numel() * w.pow(2).sum())).item()}
+    values = [w.pow(2).mean() - 1, w.sum().pow(2) / (w.numel() * w.pow(2).sum())]
     for k in TAIL_FACTORS:
-        stats[f"frac_above_{k}x"] = (log_w > math.log(k)).double().mean().item()
-        stats[f"frac_below_{k}x"] = (log_w < -math.log(k)).double().mean().item()
-    return stats
+        values += [(log_w > math.log(k)).double().mean(), (log_w < -math.log(k)).double().mean()]
+    return dict(zip(names, torch.stack(values).tolist(), strict=True))
