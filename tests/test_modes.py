@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from tiny_setup import last_logged
 
 import trl_alp.perturbation as perturbation_module
 from trl_alp import CORRECTIONS
@@ -11,12 +12,6 @@ from trl_alp.mismatch import fake_quantize, quantized_weights, rollout_engine
 from trl_alp.perturbation import LayerPerturbation, add_seeded_noise, find_decoder_layers
 from trl_alp.plot import envelope_data, load_log_history, plot_envelopes
 from trl_alp.tiny import build_tiny_model
-
-
-def _last(trainer, key):
-    values = [h[key] for h in trainer.state.log_history if key in h]
-    assert values, f"{key} was never logged"
-    return values[-1]
 
 
 @pytest.fixture
@@ -37,12 +32,12 @@ def noise_calls(monkeypatch):
 def test_every_correction_trains_and_logs_diagnostics(make_trainer, correction):
     trainer = make_trainer(max_steps=2, correction=correction, num_iterations=2)
     trainer.train()
-    assert math.isfinite(_last(trainer, "loss"))
+    assert math.isfinite(last_logged(trainer, "loss"))
     for key in ("alp/ratio/seq/q98", "alp/ratio/token/chi2", "alp/ratio/seq/ess", "alp/mismatch/k1_kl"):
-        assert math.isfinite(_last(trainer, key)), key
+        assert math.isfinite(last_logged(trainer, key)), key
     family = CORRECTIONS[correction].family
     if family in ("tis", "mis"):
-        assert 0.0 <= _last(trainer, f"alp/is/{'truncated' if family == 'tis' else 'masked'}_frac") <= 1.0
+        assert 0.0 <= last_logged(trainer, f"alp/is/{'truncated' if family == 'tis' else 'masked'}_frac") <= 1.0
 
 
 def test_bypass_leaves_the_forward_untouched(make_trainer, noise_calls):
@@ -78,7 +73,7 @@ def test_logits_only_touches_no_decoder_layer(make_trainer, noise_calls):
     assert trainer.alp_perturbation.layer_indices == [] and trainer.alp_perturbation.labels == ["final"]
     trainer.train()
     assert noise_calls == [-1]  # one application per micro-step, on the final hidden state only
-    assert _last(trainer, "alp/mismatch/abs_logp_diff") > 1e-3  # and it does change the numerator
+    assert last_logged(trainer, "alp/mismatch/abs_logp_diff") > 1e-3  # and it does change the numerator
     assert not torch.allclose(trainer.alp_perturbation.sigma, torch.tensor([0.5]))  # σ_final learns (lr is its own)
 
 
@@ -108,9 +103,9 @@ def test_unperturbed_ratio_is_logged_beside_the_perturbed_one(make_trainer):
     trainer = make_trainer(max_steps=1, alp_init_sigma=0.5, learning_rate=0.0, alp_log_unperturbed_ratio=True)
     trainer.train()
     # Before any update, the clean policy equals the rollout policy; the noise is all the difference.
-    assert _last(trainer, "alp/unperturbed/ratio/token/max") == pytest.approx(1.0, abs=1e-4)
-    assert _last(trainer, "alp/unperturbed/mismatch/k3_kl") == pytest.approx(0.0, abs=1e-6)
-    assert _last(trainer, "alp/mismatch/k3_kl") > 1e-4
+    assert last_logged(trainer, "alp/unperturbed/ratio/token/max") == pytest.approx(1.0, abs=1e-4)
+    assert last_logged(trainer, "alp/unperturbed/mismatch/k3_kl") == pytest.approx(0.0, abs=1e-6)
+    assert last_logged(trainer, "alp/mismatch/k3_kl") > 1e-4
 
 
 def test_fake_quantize_error_and_restore(tokenizer):
@@ -148,8 +143,8 @@ def test_induced_mismatch_reaches_the_ratio(make_trainer, engine):
     """Bypass, no update yet: without an engine change the ratio is exactly 1 (see test_trainer); with one it is not."""
     trainer = make_trainer(max_steps=1, correction="seq-bypass", learning_rate=0.0, **engine)
     trainer.train()
-    assert _last(trainer, "alp/mismatch/abs_logp_diff") > 1e-4
-    assert abs(_last(trainer, "alp/ratio/seq/max") - 1) > 1e-4
+    assert last_logged(trainer, "alp/mismatch/abs_logp_diff") > 1e-4
+    assert abs(last_logged(trainer, "alp/ratio/seq/max") - 1) > 1e-4
 
 
 def test_envelope_plot_writes_png_of_the_logged_values(make_trainer, tmp_path):

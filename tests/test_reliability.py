@@ -6,16 +6,11 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from tiny_setup import last_logged
 
 from trl_alp import ALPGRPOTrainer
 from trl_alp.loss import aggregate_loss, alp_log_weights, clipped_surrogate, sequence_log_ratio
 from trl_alp.tiny import build_tiny_model
-
-
-def _last(trainer, key):
-    values = [h[key] for h in trainer.state.log_history if key in h]
-    assert values, f"{key} was never logged"
-    return values[-1]
 
 
 def _all_finite(trainer):
@@ -57,11 +52,11 @@ def test_nonfinite_logprobs_are_counted_masked_and_never_propagate(make_trainer,
     trainer = make_trainer(max_steps=2, correction=correction)
     trainer.train()
     assert _all_finite(trainer)
-    assert math.isfinite(_last(trainer, "loss"))
-    counted = _last(trainer, f"alp/faults/{target}_nonfinite")
+    assert math.isfinite(last_logged(trainer, "loss"))
+    counted = last_logged(trainer, f"alp/faults/{target}_nonfinite")
     assert counted >= 1  # (rows with a shorter completion may drop an injected position)
     other = "numerator" if target == "rollout" else "rollout"
-    assert _last(trainer, f"alp/faults/{other}_nonfinite") == 0
+    assert last_logged(trainer, f"alp/faults/{other}_nonfinite") == 0
     assert not torch.allclose(trainer.alp_perturbation.sigma, torch.full((2,), 0.02))  # σ still learns
 
 
@@ -79,7 +74,7 @@ def test_nonfinite_sigma_gradient_is_dropped(make_trainer):
     callback.on_pre_optimizer_step = poison
     trainer.train()
     assert torch.isfinite(trainer.alp_perturbation.log_sigma).all()
-    assert _last(trainer, "alp/faults/sigma_grad_nonfinite") == 1.0
+    assert last_logged(trainer, "alp/faults/sigma_grad_nonfinite") == 1.0
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "luspo", "sapo", "cispo", "vespo"])

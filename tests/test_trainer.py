@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_setup import last_logged
 from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
@@ -17,12 +18,6 @@ from trl_alp.tiny import build_tiny_model
 
 def _hooks(trainer):
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m, _ in trainer.alp_perturbation._sites)
-
-
-def _last(trainer, key):
-    values = [h[key] for h in trainer.state.log_history if key in h]
-    assert values, f"{key} was never logged"
-    return values[-1]
 
 
 def test_train_updates_sigma_and_logs_alp_metrics(make_trainer):
@@ -39,8 +34,10 @@ def test_train_updates_sigma_and_logs_alp_metrics(make_trainer):
         "alp/clip/dual",
         "alp/sigma/layer_1",
     ):
-        assert math.isfinite(_last(trainer, key))
-    assert _last(trainer, "alp/sigma/layer_0") == pytest.approx(trainer.alp_perturbation.sigma[0].item(), rel=0.05)
+        assert math.isfinite(last_logged(trainer, key))
+    assert last_logged(trainer, "alp/sigma/layer_0") == pytest.approx(
+        trainer.alp_perturbation.sigma[0].item(), rel=0.05
+    )
     assert _hooks(trainer) == 0  # nothing left on the model after train()
 
 
@@ -86,15 +83,15 @@ def test_bypass_at_step_zero_has_unit_ratio(make_trainer):
     trainer = make_trainer(max_steps=1, correction="seq-bypass", learning_rate=0.0)
     assert trainer.alp_perturbation.layer_indices == []
     trainer.train()
-    assert _last(trainer, "alp/ratio/token/min") == pytest.approx(1.0, abs=1e-4)
-    assert _last(trainer, "alp/ratio/token/max") == pytest.approx(1.0, abs=1e-4)
-    assert _last(trainer, "alp/mismatch/k3_kl") == pytest.approx(0.0, abs=1e-6)
+    assert last_logged(trainer, "alp/ratio/token/min") == pytest.approx(1.0, abs=1e-4)
+    assert last_logged(trainer, "alp/ratio/token/max") == pytest.approx(1.0, abs=1e-4)
+    assert last_logged(trainer, "alp/mismatch/k3_kl") == pytest.approx(0.0, abs=1e-6)
 
 
 def test_alp_noise_moves_the_ratio_away_from_one(make_trainer):
     trainer = make_trainer(max_steps=1, alp_init_sigma=0.5, learning_rate=0.0)
     trainer.train()
-    assert _last(trainer, "alp/mismatch/abs_logp_diff") > 1e-3
+    assert last_logged(trainer, "alp/mismatch/abs_logp_diff") > 1e-3
 
 
 def test_layers_none_is_bypass(make_trainer):
@@ -140,7 +137,7 @@ def test_old_logprob_pass_is_skipped_with_num_iterations_and_staleness(make_trai
     trainer._get_per_token_logps_and_entropies = counting.__get__(trainer)
     trainer.train()
     assert forwards == [True] * 4  # only the loss forwards, one per micro-step
-    assert math.isfinite(_last(trainer, "alp/ratio/seq/max"))
+    assert math.isfinite(last_logged(trainer, "alp/ratio/seq/max"))
 
 
 def test_grpo_trainer_does_the_old_pass_in_the_same_setting(make_trainer):
@@ -225,7 +222,7 @@ def test_plain_grpo_config_gets_alp_defaults(make_trainer, caplog):
 def test_every_loss_type_trains(make_trainer, loss_type):
     trainer = make_trainer(max_steps=1, loss_type=loss_type, correction="token-alp")
     trainer.train()
-    assert math.isfinite(_last(trainer, "loss"))
+    assert math.isfinite(last_logged(trainer, "loss"))
 
 
 def test_beta_kl_is_logged(make_trainer, tmp_path, tokenizer):
@@ -234,7 +231,7 @@ def test_beta_kl_is_logged(make_trainer, tmp_path, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     trainer = make_trainer(model=model, max_steps=2, beta=0.1)
     trainer.train()
-    assert _last(trainer, "kl") >= 0
+    assert last_logged(trainer, "kl") >= 0
 
 
 @pytest.mark.parametrize(

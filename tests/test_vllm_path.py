@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import trl.trainer.grpo_trainer as grpo_module
+from tiny_setup import last_logged
 from trl.generation.vllm_generation import VLLMGeneration
 
 from trl_alp.rollout import record_generate_logprobs
@@ -60,10 +61,6 @@ def fake_vllm(monkeypatch):
     return FakeVLLM.instances
 
 
-def _last(trainer, key):
-    return [h[key] for h in trainer.state.log_history if key in h][-1]
-
-
 def test_vllm_logprobs_are_the_denominator_and_trls_correction_is_off(make_trainer, fake_vllm, caplog):
     trainer = make_trainer(
         max_steps=1, use_vllm=True, vllm_mode="colocate", correction="token-bypass", learning_rate=0.0
@@ -81,8 +78,8 @@ def test_vllm_logprobs_are_the_denominator_and_trls_correction_is_off(make_train
     trainer._get_per_token_logps_and_entropies = counting.__get__(trainer)
     trainer.train()
     # Unperturbed, no update yet: π equals the sampler, so the ratio is exactly the engine's shift.
-    assert _last(trainer, "alp/ratio/token/q50") == pytest.approx(math.e, rel=1e-3)
-    assert _last(trainer, "alp/mismatch/k1_kl") == pytest.approx(-SHIFT, abs=1e-3)
+    assert last_logged(trainer, "alp/ratio/token/q50") == pytest.approx(math.e, rel=1e-3)
+    assert last_logged(trainer, "alp/mismatch/k1_kl") == pytest.approx(-SHIFT, abs=1e-3)
     assert old_passes == []  # TRL would run an old-log-prob pass for its vLLM correction; ALP does not
 
 

@@ -20,3 +20,10 @@ TRAINER_SETTINGS = dict(
 def length_reward(completions, **kwargs):
     """A cheap reward with spread inside each group, so advantages are non-zero."""
     return [float(len(c[0]["content"]) % 5) for c in completions]
+
+
+def last_logged(trainer, key):
+    """The last value of `key` in a trainer's log history (fails if it was never logged)."""
+    values = [h[key] for h in trainer.state.log_history if key in h]
+    assert values, f"{key} was never logged"
+    return values[-1]

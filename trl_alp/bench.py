@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .data import REWARD_FUNCS, arithmetic_dataset
+from .models import load_offline_model
 
 logger = logging.getLogger(__name__)
 
@@ -44,22 +45,6 @@ class BenchArguments:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
-
-
-def _model(args: BenchArguments):
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if args.model == "tiny":
-        from .tiny import build_tiny_model, build_tokenizer
-
-        tokenizer = build_tokenizer()
-        return build_tiny_model(tokenizer, num_layers=4), tokenizer, None
-    from .models import smollm2_path
-
-    path = smollm2_path() if args.model == "smollm2" else args.model
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
-    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), lora
 
 
 def _run(args: BenchArguments, kind: str, scenario: str) -> tuple[list[float], int | None]:
@@ -87,7 +72,7 @@ def _run(args: BenchArguments, kind: str, scenario: str) -> tuple[list[float], i
         **SCENARIOS[scenario],
     )
     config = GRPOConfig(**settings) if kind == "grpo" else ALPConfig(correction="seq-alp", **settings)
-    model, tokenizer, lora = _model(args)
+    model, tokenizer, lora = load_offline_model(args.model)
     trainer_cls = GRPOTrainer if kind == "grpo" else ALPGRPOTrainer
     trainer = trainer_cls(
         model=model,

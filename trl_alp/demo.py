@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from .data import REWARD_FUNCS, arithmetic_dataset
+from .models import load_offline_model
 from .plot import load_log_history, plot_envelopes, series
 
 logger = logging.getLogger(__name__)
@@ -95,23 +96,6 @@ def _run_config(args: DemoArguments, correction: str, output_dir: str):
         alp_rollout_dtype=args.rollout_dtype,
         disable_tqdm=False,
     )
-
-
-def _model_and_tokenizer(args: DemoArguments):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if args.model == "tiny":
-        from .tiny import build_tiny_model, build_tokenizer
-
-        tokenizer = build_tokenizer()
-        return build_tiny_model(tokenizer, num_layers=4, seed=args.seed), tokenizer, None
-    from peft import LoraConfig
-
-    from .models import smollm2_path
-
-    path = smollm2_path()
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
-    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), lora
 
 
 class _CompactProgress:
@@ -212,7 +196,7 @@ def run_demo(args: DemoArguments) -> dict[str, dict[str, float]]:
     rewards = [REWARD_FUNCS["correctness"], REWARD_FUNCS["number_format"]]
     run_dirs, timings = [], {}
     for i, correction in enumerate(corrections, 1):
-        model, tokenizer, lora = _model_and_tokenizer(args)
+        model, tokenizer, lora = load_offline_model(args.model, seed=args.seed)
         run_dir = os.path.join(args.output_dir, correction)
         trainer = ALPGRPOTrainer(
             model=model,

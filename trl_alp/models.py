@@ -47,3 +47,22 @@ def smollm2_path() -> str:
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, target)
     return target
+
+
+def load_offline_model(name: str, seed: int = 0):
+    """``(model, tokenizer, lora_config)`` for the demo and the benchmark.
+
+    ``"tiny"``: a 4-layer in-code Qwen2 model, fully fine-tuned (no LoRA). ``"smollm2"``: SmolLM2-135M-Instruct with
+    LoRA r=16 on every linear layer. Anything else is a local model folder, with the same LoRA.
+    """
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == "tiny":
+        from .tiny import build_tiny_model, build_tokenizer
+
+        tokenizer = build_tokenizer()
+        return build_tiny_model(tokenizer, num_layers=4, seed=seed), tokenizer, None
+    path = smollm2_path() if name == "smollm2" else name
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), lora
