@@ -109,3 +109,11 @@ def test_bench_tiny_json(tmp_path, capsys):
         assert row["time_ratio"] == pytest.approx(row["alp_s"] / row["grpo_s"])
         assert row["n_cycles"] == 1
     assert results["device"] == "cpu"
+
+
+def test_python_dash_m_entry_point():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "trl_alp", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "usage: trl-alp {train,demo,plot,bench}" in done.stdout

@@ -296,3 +296,9 @@ def test_options_that_cannot_apply_say_so(make_trainer, caplog, overrides, ignor
     with caplog.at_level(logging.WARNING, logger="trl_alp"):
         make_trainer(max_steps=1, **overrides)
     assert f"{ignored} do not apply to correction={overrides['correction']!r}" in caplog.text
+
+
+def test_truncated_sampling_warns(make_trainer, caplog):
+    with caplog.at_level(logging.WARNING, logger="trl_alp"):
+        make_trainer(max_steps=1, top_p=0.9)
+    assert "top_p/top_k/min_p truncate the sampling distribution" in caplog.text
