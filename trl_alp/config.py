@@ -26,11 +26,6 @@ class Correction(NamedTuple):
         return self.family == "alp"
 
     @property
-    def uses_rollout_logps(self) -> bool:
-        """Whether the loss needs the log-probs the rollout engine reported."""
-        return self.family != "grpo"
-
-    @property
     def uses_old_logps(self) -> bool:
         """Whether the loss needs TRL's recomputed old log-probs (so its extra forward must not be skipped)."""
         return self.family in ("grpo", "tis", "mis")

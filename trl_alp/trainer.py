@@ -92,6 +92,7 @@ class ALPGRPOTrainer(GRPOTrainer):
             args = ALPConfig.from_grpo_config(args)
         self.correction = args.parsed_correction
         _check_compatible(args)
+        logger.info("correction=%r: %s", self.correction.name, self.correction.description)
 
         super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
 
