@@ -174,16 +174,15 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
 
 def run_demo(args: DemoArguments) -> dict[str, dict[str, float]]:
     """Train one run per correction and write the report; returns the table rows."""
+    from .config import CORRECTIONS
     from .trainer import ALPGRPOTrainer
 
     corrections = args.correction_list
-    from .config import CORRECTIONS
-
     unknown = [c for c in corrections if c not in CORRECTIONS]
     if unknown:
         raise ValueError(f"--corrections: unknown {unknown}; choose from {list(CORRECTIONS)}")
     minutes = estimate_seconds(args) / 60
-    logger.warning(
+    logger.info(
         "trl-alp demo: %s × %d steps on %s, rollouts in %s, training in fp32; estimated %.1f min on 2 CPU cores.",
         ", ".join(corrections),
         args.max_steps,
