@@ -14,6 +14,9 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from tqdm.auto import tqdm
+from transformers import ProgressCallback, TrainerCallback
+
 from .data import REWARD_FUNCS, arithmetic_dataset
 from .models import load_offline_model
 from .plot import load_log_history, plot_envelopes, series
@@ -98,30 +101,25 @@ def _run_config(args: DemoArguments, correction: str, output_dir: str):
     )
 
 
-class _CompactProgress:
-    """A one-line-per-step progress bar instead of the Trainer's full metric dicts."""
+class CompactProgress(TrainerCallback):
+    """A one-line-per-step progress bar (reward, sequence-ratio q99, k3 KL) instead of the Trainer's metric dicts."""
 
-    def __new__(cls, label: str):
-        from tqdm.auto import tqdm
-        from transformers import TrainerCallback
+    SHOWN = {"reward": "reward", "alp/ratio/seq/q99": "q99", "alp/mismatch/k3_kl": "k3"}
 
-        class Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                self.bar = tqdm(total=state.max_steps, desc=label, dynamic_ncols=True)
+    def __init__(self, label: str):
+        self.label = label
 
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                logs = logs or {}
-                shown = {"reward": "reward", "alp/ratio/seq/q99": "q99", "alp/mismatch/k3_kl": "k3"}
-                self.bar.set_postfix(
-                    {short: f"{logs[k]:.3g}" for k, short in shown.items() if logs.get(k) is not None}
-                )
-                self.bar.n = state.global_step
-                self.bar.refresh()
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, desc=self.label, dynamic_ncols=True)
 
-            def on_train_end(self, args, state, control, **kwargs):
-                self.bar.close()
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        self.bar.set_postfix({short: f"{logs[k]:.3g}" for k, short in self.SHOWN.items() if logs.get(k) is not None})
+        self.bar.n = state.global_step
+        self.bar.refresh()
 
-        return Callback()
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
 
 
 def summarize(run_dir: str) -> dict[str, float]:
@@ -205,10 +203,8 @@ def run_demo(args: DemoArguments) -> dict[str, dict[str, float]]:
             processing_class=tokenizer,
             peft_config=lora,
         )
-        from transformers import ProgressCallback
-
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(_CompactProgress(f"[{i}/{len(corrections)}] {correction}"))
+        trainer.add_callback(CompactProgress(f"[{i}/{len(corrections)}] {correction}"))
         start = time.perf_counter()
         trainer.train()
         timings[correction] = time.perf_counter() - start
