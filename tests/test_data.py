@@ -1,0 +1,50 @@
+"""Generated tasks are solvable as stated, and the verifiable rewards check what they claim."""
+
+import re
+
+from datasets import Dataset
+
+from trl_alp.data import (
+    arithmetic_dataset,
+    correctness_reward,
+    gsm8k_to_prompts,
+    last_number,
+    number_format_reward,
+)
+
+
+def _solve(question: str) -> int:
+    a, b = (int(x) for x in re.findall(r"\d+", question))
+    if "+" in question or "buys" in question:
+        return a + b
+    if "-" in question or "left" in question:
+        return a - b
+    return a * b
+
+
+def test_arithmetic_dataset_answers_are_correct_and_reproducible():
+    data = arithmetic_dataset(64, seed=3)
+    assert data.column_names == ["prompt", "answer"] and len(data) == 64
+    for row in data:
+        assert row["prompt"][0]["role"] == "system" and row["prompt"][1]["role"] == "user"
+        assert int(row["answer"]) == _solve(row["prompt"][1]["content"]) >= 0
+    assert arithmetic_dataset(64, seed=3)["answer"] == data["answer"]
+    assert arithmetic_dataset(64, seed=4)["answer"] != data["answer"]
+
+
+def test_rewards():
+    completions = [
+        [{"role": "assistant", "content": "7 + 5 = 12"}],
+        [{"role": "assistant", "content": "The answer is 1,200."}],
+        [{"role": "assistant", "content": "twelve"}],
+        "plain text 3",
+    ]
+    assert correctness_reward(completions, answer=["12", "1200", "12", "4"]) == [1.0, 1.0, 0.0, 0.0]
+    assert number_format_reward(completions) == [0.2, 0.2, 0.0, 0.2]
+    assert last_number("a -3.5 then 2") == "2" and last_number("none") is None
+
+
+def test_gsm8k_mapping():
+    raw = Dataset.from_list([{"question": "How many?", "answer": "Work... #### 1,234"}])
+    row = gsm8k_to_prompts(raw)[0]
+    assert row["answer"] == "1234" and row["prompt"][-1] == {"role": "user", "content": "How many?"}
