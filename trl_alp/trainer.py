@@ -205,6 +205,18 @@ class ALPGRPOTrainer(GRPOTrainer):
         return out
 
     # ------------------------------------------------------------------------------------------------- loss
+    def _completion_logps(self, model, inputs, **kwargs):
+        """Per-token log-probs (and optionally entropies / aux loss) of a batch's completion tokens."""
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        return self._get_per_token_logps_and_entropies(
+            model,
+            torch.cat([prompt_ids, completion_ids], dim=1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+            completion_ids.size(1),
+            **kwargs,
+            **{key: inputs.get(key) for key in _FORWARD_KEYS},
+        )
+
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
         mask = (
@@ -227,15 +239,8 @@ class ALPGRPOTrainer(GRPOTrainer):
                 "batch has none (a custom rollout_func must return 'logprobs'); use correction='grpo' otherwise."
             )
 
-        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
-        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model,
-            torch.cat([prompt_ids, completion_ids], dim=1),
-            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
-            completion_ids.size(1),
-            compute_entropy=True,
-            compute_aux_loss=self.aux_loss_enabled,
-            **{key: inputs.get(key) for key in _FORWARD_KEYS},
+        per_token_logps, entropies, aux_loss = self._completion_logps(
+            model, inputs, compute_entropy=True, compute_aux_loss=self.aux_loss_enabled
         )
         # Faults: tokens the engine could not score (vLLM reports NaN) or whose training log-prob is not finite carry
         # no ratio. They are counted, dropped from the loss and zeroed (so no NaN reaches σ or the weights).
@@ -387,15 +392,8 @@ class ALPGRPOTrainer(GRPOTrainer):
     def _log_diagnostics(self, mode, inputs, per_token_logps, rollout_logps, mask) -> None:
         self._log_ratio_metrics(mode, "alp", per_token_logps, rollout_logps, mask)
         if self.args.alp_log_unperturbed_ratio:
-            prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
             with torch.no_grad():  # no grad: the hooks stay silent, this is the clean policy
-                clean, _, _ = self._get_per_token_logps_and_entropies(
-                    self.model,
-                    torch.cat([prompt_ids, completion_ids], dim=1),
-                    torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
-                    completion_ids.size(1),
-                    **{key: inputs.get(key) for key in _FORWARD_KEYS},
-                )
+                clean, _, _ = self._completion_logps(self.model, inputs)
             self._log_ratio_metrics(mode, "alp/unperturbed", clean, rollout_logps, mask)
         sigma = self.alp_perturbation.sigma
         if sigma.numel():
