@@ -302,3 +302,14 @@ def test_truncated_sampling_warns(make_trainer, caplog):
     with caplog.at_level(logging.WARNING, logger="trl_alp"):
         make_trainer(max_steps=1, top_p=0.9)
     assert "top_p/top_k/min_p truncate the sampling distribution" in caplog.text
+
+
+def test_ratio_metrics_of_long_divergent_sequences(make_trainer):
+    """The per-sequence mean log-ratio (log-ppl difference) is taken before the ±20 clamp of the sequence sum."""
+    trainer = make_trainer(max_steps=1)
+    logps, rollout, mask = torch.zeros(2, 30), torch.full((2, 30), -1.0), torch.ones(2, 30)
+    trainer._log_ratio_metrics("train", "probe", logps, rollout, mask)
+    metrics = trainer._metrics["train"]
+    assert metrics["probe/mismatch/log_ppl_diff"] == [pytest.approx(-1.0)]  # not -20/30
+    assert metrics["probe/ratio/seq/max"] == [pytest.approx(math.exp(20.0), rel=1e-5)]  # the sum is clamped
+    assert metrics["probe/ratio/token/q50"] == [pytest.approx(math.e, rel=1e-5)]

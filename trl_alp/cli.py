@@ -128,10 +128,10 @@ def _resolve_model(name: str | None):
 
         return smollm2_path(), None
     if name == "tiny":
-        from .tiny import build_tiny_model, build_tokenizer
+        from .models import load_offline_model
 
-        tokenizer = build_tokenizer()
-        return build_tiny_model(tokenizer, num_layers=4), tokenizer
+        model, tokenizer, _ = load_offline_model("tiny")
+        return model, tokenizer
     if name.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(name)):
         raise CLIError(f"model path {name!r} does not exist")
     return name, None

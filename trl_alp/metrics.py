@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .loss import LOG_RATIO_CLAMP
+
 QUANTILES = {
     "q01": 0.01,
     "q02": 0.02,
@@ -63,7 +65,7 @@ def weight_diagnostics(log_ratio: torch.Tensor) -> dict[str, float]:
     * ``ess``: normalised effective sample size ``(Σw)² / (N·Σw²)`` in (0, 1];
     * ``frac_above_{k}x`` / ``frac_below_{k}x``: fraction of weights ``> k`` / ``< 1/k`` for k in 2, 5, 10.
     """
-    log_w = _finite(log_ratio).double().clamp(-20.0, 20.0)
+    log_w = _finite(log_ratio).double().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     names = ["chi2", "ess"] + [f"frac_{side}_{k}x" for k in TAIL_FACTORS for side in ("above", "below")]
     if log_w.numel() == 0:
         return dict.fromkeys(names, math.nan)

@@ -120,6 +120,11 @@ def validate_layer_spec(spec: str | Sequence[int] | None) -> None:
     _layer_ranges(spec)
 
 
+def is_logits_only(spec: str | Sequence[int] | None) -> bool:
+    """Whether a layer selection is the logits-only ablation (noise on the final hidden state, no decoder layer)."""
+    return _layer_ranges(spec) == "logits"
+
+
 def parse_layer_spec(spec: str | Sequence[int] | None, num_layers: int) -> list[int]:
     """Turn a layer selection into sorted, unique layer indices of a `num_layers`-deep stack.
 

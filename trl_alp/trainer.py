@@ -24,7 +24,7 @@ from .loss import (
 )
 from .metrics import mismatch_stats, quantile_stats, weight_diagnostics
 from .mismatch import rollout_engine
-from .perturbation import LayerPerturbation, find_decoder_layers, parse_layer_spec, unwrap_model
+from .perturbation import LayerPerturbation, find_decoder_layers, is_logits_only, parse_layer_spec, unwrap_model
 from .rollout import record_generate_logprobs
 
 logger = logging.getLogger(__name__)
@@ -124,8 +124,7 @@ class ALPGRPOTrainer(GRPOTrainer):
             return LayerPerturbation(torch.nn.ModuleList(), [], args.alp_init_sigma, learnable=False, seed=seed)
         layers_path, layers = find_decoder_layers(self.model, args.alp_layers_path)
         indices = parse_layer_spec(args.alp_layers, len(layers))
-        logits_only = isinstance(args.alp_layers, str) and args.alp_layers.strip().lower() == "logits"
-        final = unwrap_model(self.model).base_model if logits_only else None
+        final = unwrap_model(self.model).base_model if is_logits_only(args.alp_layers) else None
         logger.info(
             "ALP: correction=%s, noise on %s",
             self.correction.name,
@@ -377,10 +376,10 @@ class ALPGRPOTrainer(GRPOTrainer):
         metrics = self._metrics[mode]
         valid = mask.bool() & torch.isfinite(rollout_logps)
         rollout_logps = torch.nan_to_num(rollout_logps, nan=0.0, posinf=0.0, neginf=0.0)
-        token = self._gather_flat((logps.detach() - rollout_logps)[valid].clamp(-20.0, 20.0))
-        seq_sum = sequence_log_ratio(logps.detach(), rollout_logps, valid.float(), "sequence")
-        seq = self._gather_flat(seq_sum)
-        seq_mean = self._gather_flat(seq_sum / valid.sum(-1).clamp(min=1))
+        logps, valid_f = logps.detach(), valid.float()
+        token = self._gather_flat(alp_log_weights(logps, rollout_logps, valid_f, "token")[valid])
+        seq = self._gather_flat(sequence_log_ratio(logps, rollout_logps, valid_f, "sequence"))
+        seq_mean = self._gather_flat(sequence_log_ratio(logps, rollout_logps, valid_f, "geometric"))
         for level, values in (("token", token), ("seq", seq)):
             for name, value in quantile_stats(torch.exp(values)).items():
                 metrics[f"{prefix}/ratio/{level}/{name}"].append(value)
