@@ -6,7 +6,7 @@ from importlib.resources import files
 
 import pytest
 
-from trl_alp.cli import main
+from trl_alp.tools.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import re
 
 from datasets import Dataset
 
-from trl_alp.data import (
+from trl_alp.tools.data import (
     arithmetic_dataset,
     correctness_reward,
     gsm8k_to_prompts,

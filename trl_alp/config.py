@@ -9,8 +9,8 @@ from typing import NamedTuple
 
 from trl import GRPOConfig
 
-from .mismatch import ROLLOUT_DTYPES, ROLLOUT_WEIGHT_BITS
 from .perturbation import validate_layer_spec
+from .rollout import ROLLOUT_DTYPES, ROLLOUT_WEIGHT_BITS
 
 
 class Correction(NamedTuple):

@@ -23,9 +23,8 @@ from .loss import (
     sequence_log_ratio,
 )
 from .metrics import mismatch_stats, quantile_stats, weight_diagnostics
-from .mismatch import rollout_engine
 from .perturbation import LayerPerturbation, find_decoder_layers, is_logits_only, parse_layer_spec, unwrap_model
-from .rollout import record_generate_logprobs
+from .rollout import record_generate_logprobs, rollout_engine
 
 logger = logging.getLogger(__name__)
 

@@ -50,8 +50,8 @@ class BenchArguments:
 def _run(args: BenchArguments, kind: str, scenario: str) -> tuple[list[float], int | None]:
     from trl import GRPOConfig, GRPOTrainer
 
-    from .config import ALPConfig
-    from .trainer import ALPGRPOTrainer
+    from ..config import ALPConfig
+    from ..trainer import ALPGRPOTrainer
 
     cuda = torch.cuda.is_available()
     cycle = SCENARIOS[scenario].get("num_iterations", 1)

@@ -74,7 +74,7 @@ def estimate_seconds(args: DemoArguments) -> float:
 
 
 def _run_config(args: DemoArguments, correction: str, output_dir: str):
-    from .config import ALPConfig
+    from ..config import ALPConfig
 
     smol = args.model == "smollm2"
     return ALPConfig(
@@ -172,8 +172,8 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
 
 def run_demo(args: DemoArguments) -> dict[str, dict[str, float]]:
     """Train one run per correction and write the report; returns the table rows."""
-    from .config import CORRECTIONS
-    from .trainer import ALPGRPOTrainer
+    from ..config import CORRECTIONS
+    from ..trainer import ALPGRPOTrainer
 
     corrections = args.correction_list
     unknown = [c for c in corrections if c not in CORRECTIONS]

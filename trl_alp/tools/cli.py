@@ -140,8 +140,8 @@ def _resolve_model(name: str | None):
 def train(argv: list[str]) -> None:
     from trl import ModelConfig, get_peft_config
 
-    from .config import ALPConfig
-    from .trainer import ALPGRPOTrainer
+    from ..config import ALPConfig
+    from ..trainer import ALPGRPOTrainer
 
     parser = _parser((TrainScriptArguments, ALPConfig, ModelConfig), "trl-alp train")
     script, config, model_args = parser.parse_args_and_config(argv)
