@@ -6,52 +6,8 @@ import math
 import pytest
 import torch
 import trl.trainer.grpo_trainer as grpo_module
+from fake_vllm import SHIFT, FakeVLLM
 from tiny_setup import last_logged
-from trl.generation.vllm_generation import VLLMGeneration
-
-from trl_alp.rollout import record_generate_logprobs
-
-SHIFT = 1.0  # the fake engine reports log μ = log π − SHIFT, so the token ratio π/μ is exactly e
-
-
-class FakeVLLM:
-    """Samples with the training model and reports its log-probs shifted by SHIFT, in vLLM's output format."""
-
-    instances: list = []
-    _iter_named_params = VLLMGeneration._iter_named_params
-    _fix_param_name_to_vllm = VLLMGeneration._fix_param_name_to_vllm
-
-    def __init__(self, model, accelerator, processing_class, **kwargs):
-        from trl.distributed import DistributedBackend
-
-        self.model, self.accelerator, self.tokenizer = model, accelerator, processing_class
-        self.temperature, self.max_completion_length = kwargs["temperature"], kwargs["max_completion_length"]
-        self._dist = DistributedBackend(accelerator)
-        self.synced: list[list[str]] = []
-        FakeVLLM.instances.append(self)
-
-    def sync_weights(self):
-        self.synced.append([name for name, _ in self._iter_named_params()])
-
-    def generate(self, prompts, images, num_generations, profiler=None):
-        model = self.accelerator.unwrap_model(self.model)
-        pad = self.tokenizer.pad_token_id
-        completion_ids, logprobs = [], []
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            with torch.no_grad(), record_generate_logprobs(model, self.temperature) as recorder:
-                out = model.generate(
-                    ids,
-                    do_sample=True,
-                    temperature=self.temperature,
-                    top_k=0,
-                    max_new_tokens=self.max_completion_length,
-                    pad_token_id=pad,
-                )
-            new = out[0, ids.size(1) :].tolist()
-            completion_ids.append(new)
-            logprobs.append([[lp - SHIFT] for lp in recorder.results[-1][0].tolist()])
-        return prompts, completion_ids, logprobs, None
 
 
 @pytest.fixture

@@ -3,50 +3,77 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from trl import GRPOConfig
 
+from .loss import Clip
 from .perturbation import validate_layer_spec
 from .rollout import ROLLOUT_DTYPES, ROLLOUT_WEIGHT_BITS
 
+logger = logging.getLogger(__name__)
+
 
 class Correction(NamedTuple):
-    """A parsed `correction` value: what forms the ratio, at which level, and with or without noise."""
+    """A parsed `correction` value: the facts the trainer needs, so adding a correction touches config and loss only.
+
+    ``family`` is ``alp`` | ``bypass`` | ``grpo`` | ``tis`` | ``mis``; ``level`` is the ratio level of ALP/Bypass
+    (``token`` | ``sequence`` | ``geometric``) or the level of the TIS/MIS weight (``token`` | ``sequence``).
+    """
 
     name: str
-    family: str  # "alp" | "bypass" | "grpo" | "tis" | "mis"
-    level: str  # "token" | "sequence" | "geometric" (for "grpo": TRL's `importance_sampling_level`)
+    family: str
+    level: str
     description: str
 
     @property
     def perturbs(self) -> bool:
+        """Noise in the loss forward (ALP)."""
         return self.family == "alp"
 
     @property
     def uses_old_logps(self) -> bool:
-        """Whether the loss needs TRL's recomputed old log-probs (so its extra forward must not be skipped)."""
+        """The ratio's denominator is TRL's recomputed π_old (so TRL's old-log-prob pass must not be skipped)."""
         return self.family in ("grpo", "tis", "mis")
+
+    @property
+    def uses_alp_clip(self) -> bool:
+        """The ratio is clipped with the alp_epsilon_* / alp_dual_clip fields (else TRL's epsilon / delta)."""
+        return self.family in ("alp", "bypass")
+
+    @property
+    def is_mode(self) -> str | None:
+        """How the TIS/MIS rollout weight π_old/μ is bounded: ``truncate`` | ``mask`` (None outside TIS/MIS)."""
+        return {"tis": "truncate", "mis": "mask"}.get(self.family)
+
+    @property
+    def trl_is_mode(self) -> str | None:
+        """The same weight as TRL's ``vllm_importance_sampling_mode`` (e.g. ``sequence_mask`` for ``seq-mis``)."""
+        return None if self.is_mode is None else f"{self.level}_{self.is_mode}"
 
 
 _LEVELS = {"seq": "sequence", "token": "token", "geo": "geometric"}
 _ALP = "ALP: perturbed numerator π_θ,δ over the rollout log-probs μ, {} ratio, clip [1−alp_epsilon_low, 1+alp_epsilon_high] + dual clip."
 _BYPASS = "Bypass: numerator π_θ (no noise) over the rollout log-probs μ, {} ratio, same clips as ALP."
-_IS = "{}: TRL's GRPO ratio π_θ/π_old (epsilon/epsilon_high) times the {} weight π_old/μ {}."
+_IS = "{}: TRL's GRPO loss over π_old times the {} rollout weight π_old/μ {} (TRL's vLLM IS semantics)."
 CORRECTIONS: dict[str, Correction] = {
     **{f"{p}-alp": Correction(f"{p}-alp", "alp", lv, _ALP.format(lv)) for p, lv in _LEVELS.items()},
     **{f"{p}-bypass": Correction(f"{p}-bypass", "bypass", lv, _BYPASS.format(lv)) for p, lv in _LEVELS.items()},
     "grpo": Correction(
-        "grpo", "grpo", "trl", "GRPO/GSPO: TRL's own loss, recomputed old log-probs, no rollout correction."
+        "grpo",
+        "grpo",
+        "trl",
+        "GRPO/GSPO: TRL's own loss and options, unchanged (with vLLM, TRL's own importance-sampling correction).",
     ),
     **{
         f"{p}-tis": Correction(
             f"{p}-tis",
             "tis",
             _LEVELS[p],
-            _IS.format("TIS", _LEVELS[p], "truncated to [rollout_is_min, rollout_is_max]"),
+            _IS.format("TIS", _LEVELS[p], "truncated to [vllm_importance_sampling_clip_min, _max]"),
         )
         for p in ("token", "seq")
     },
@@ -55,7 +82,7 @@ CORRECTIONS: dict[str, Correction] = {
             f"{p}-mis",
             "mis",
             _LEVELS[p],
-            _IS.format("MIS", _LEVELS[p], "zeroed outside [rollout_is_min, rollout_is_max]"),
+            _IS.format("MIS", _LEVELS[p], "zeroed outside [vllm_importance_sampling_clip_min, _max]"),
         )
         for p in ("token", "seq")
     },
@@ -81,9 +108,11 @@ class ALPConfig(GRPOConfig):
     log-probs the rollout engine reported when it sampled. In the ALP and Bypass corrections the PPO clip uses
     `alp_epsilon_low` / `alp_epsilon_high` / `alp_dual_clip`; TRL's `epsilon`, `epsilon_high`, `delta`,
     `importance_sampling_level` and the vLLM importance-sampling correction are not used (ALP replaces them).
+    `correction="grpo"` is TRL's loss unchanged; the TIS/MIS corrections are TRL's loss (all its ratio options) times
+    TRL's vLLM importance-sampling weight, on the generate path too.
 
-    Defaults are the ALP authors' single-turn math recipe: sequence-level ratio, σ₀ = 0.02, σ learning rate 1e-2,
-    clip [0.5, 4.0], dual clip 10.
+    Every check that needs only the config runs here, at construction. The defaults are the ALP authors' single-turn
+    math recipe (sequence-level ratio; σ₀, σ learning rate, clip and dual clip as the fields below).
     """
 
     correction: str = field(
@@ -92,9 +121,10 @@ class ALPConfig(GRPOConfig):
             "help": "Off-policy correction. 'seq-alp' (default): perturbed numerator, product-of-tokens sequence "
             "ratio; 'token-alp': per-token ratio; 'geo-alp': length-normalised (geometric mean) sequence ratio; "
             "'seq-bypass' / 'token-bypass' / 'geo-bypass': the same ratios without noise (Bypass baseline); "
-            "'grpo': TRL's own GRPO/GSPO loss (recomputed old log-probs, no rollout correction); "
-            "'token-tis' / 'seq-tis': GRPO times the rollout weight π_old/μ truncated to [rollout_is_min, "
-            "rollout_is_max]; 'token-mis' / 'seq-mis': the same weight zeroed outside that band.",
+            "'grpo': TRL's own GRPO/GSPO loss, unchanged; 'token-tis' / 'seq-tis': TRL's loss times the rollout "
+            "weight π_old/μ truncated to [vllm_importance_sampling_clip_min, vllm_importance_sampling_clip_max]; "
+            "'token-mis' / 'seq-mis': the same weight zeroed outside that band (TRL's vLLM IS semantics, also on the "
+            "generate path).",
             "choices": list(CORRECTIONS),
         },
     )
@@ -148,14 +178,6 @@ class ALPConfig(GRPOConfig):
             "absolute σ."
         },
     )
-    rollout_is_min: float | None = field(
-        default=None,
-        metadata={"help": "TIS/MIS: lower bound of the rollout weight π_old/μ (None = open). MIS paper band: 0."},
-    )
-    rollout_is_max: float | None = field(
-        default=3.0,
-        metadata={"help": "TIS/MIS: upper bound of the rollout weight π_old/μ (TRL's default 3.0; MIS paper: 5)."},
-    )
     alp_rollout_dtype: str | None = field(
         default=None,
         metadata={
@@ -202,13 +224,6 @@ class ALPConfig(GRPOConfig):
                     f"got {self.alp_dual_clip!r} (or None to disable it)"
                 )
         validate_layer_spec(self.alp_layers)  # the trainer checks the range against the model
-        for name in ("rollout_is_min", "rollout_is_max"):
-            if getattr(self, name) is not None:
-                _check_finite(name, getattr(self, name), nonnegative=True)
-        if None not in (self.rollout_is_min, self.rollout_is_max) and self.rollout_is_min >= self.rollout_is_max:
-            raise ValueError(
-                f"rollout_is_min ({self.rollout_is_min}) must be < rollout_is_max ({self.rollout_is_max})."
-            )
         if self.alp_rollout_dtype not in (None, *ROLLOUT_DTYPES):
             raise ValueError(
                 f"alp_rollout_dtype must be one of {list(ROLLOUT_DTYPES)} or None, got {self.alp_rollout_dtype!r}"
@@ -223,7 +238,79 @@ class ALPConfig(GRPOConfig):
                 "alp_rollout_dtype / alp_rollout_weight_bits emulate an inference engine; with use_vllm=True vLLM is "
                 "the engine: unset them."
             )
+        self._check_trl_options()
         super().__post_init__()
+        warn_unused_fields(self)
+
+    def _check_trl_options(self) -> None:
+        """Reject TRL options the chosen correction cannot honour."""
+        correction = self.parsed_correction
+        if correction.family == "grpo":
+            return  # TRL's own loss: every TRL option applies
+        if self.entropy_coef != 0.0 or self.use_adaptive_entropy:
+            raise ValueError(
+                f"entropy_coef / use_adaptive_entropy (TRL's entropy bonus) are only supported with "
+                f"correction='grpo', not {self.correction!r}: set entropy_coef=0.0 and use_adaptive_entropy=False."
+            )
+        if self.use_transformers_continuous_batching:
+            raise ValueError(
+                f"use_transformers_continuous_batching=True returns no rollout log-probs, which correction="
+                f"{self.correction!r} needs: use the default transformers generate path, use_vllm=True, or "
+                "correction='grpo'."
+            )
+        if correction.uses_alp_clip:
+            if self.delta is not None:
+                raise ValueError(
+                    f"delta={self.delta} is TRL's two-sided clip; with correction={self.correction!r} the ratio is "
+                    "clipped by alp_epsilon_low / alp_epsilon_high / alp_dual_clip (use alp_dual_clip)."
+                )
+            if self.importance_sampling_level != "token":
+                raise ValueError(
+                    f"importance_sampling_level={self.importance_sampling_level!r} selects TRL's ratio; with "
+                    f"correction={self.correction!r} the level is part of the correction (e.g. 'seq-alp', "
+                    "'token-alp', 'geo-alp'); use correction='grpo' for TRL's GSPO."
+                )
+            return
+        low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        for name, value in (("vllm_importance_sampling_clip_min", low), ("vllm_importance_sampling_clip_max", high)):
+            if value is not None:
+                _check_finite(name, value, nonnegative=True)
+        if low is None and high is None:
+            raise ValueError(
+                f"correction={self.correction!r} needs a band for the rollout weight π_old/μ: set "
+                "vllm_importance_sampling_clip_max (TRL's default 3.0) and/or vllm_importance_sampling_clip_min."
+            )
+        if None not in (low, high) and low >= high:
+            raise ValueError(
+                f"vllm_importance_sampling_clip_min ({low}) must be < vllm_importance_sampling_clip_max ({high})."
+            )
+        if self.loss_type == "vespo" and correction.level == "sequence":
+            raise ValueError(
+                f"loss_type='vespo' takes the rollout weight inside its γ-weights per token, as TRL does; TRL rejects "
+                f"sequence-level importance sampling with VESPO: use 'token-tis' or 'token-mis', not "
+                f"{self.correction!r}."
+            )
+
+    @property
+    def ratio_level(self) -> str:
+        """Level of the policy ratio: the correction's for ALP/Bypass, TRL's `importance_sampling_level` otherwise
+        (``sequence`` there is TRL's length-normalised GSPO ratio, ``geometric`` here)."""
+        if self.parsed_correction.uses_alp_clip:
+            return self.parsed_correction.level
+        return "geometric" if self.importance_sampling_level == "sequence" else "token"
+
+    @property
+    def clip(self) -> Clip:
+        """The clip settings of the policy loss for this correction."""
+        if self.parsed_correction.uses_alp_clip:
+            return Clip(
+                self.alp_epsilon_low,
+                self.alp_epsilon_high,
+                dual=self.alp_dual_clip,
+                cispo_cap=1 + self.alp_epsilon_high,
+            )
+        high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        return Clip(self.epsilon, high, delta=self.delta, cispo_cap=high)
 
     @property
     def parsed_correction(self) -> Correction:
@@ -235,3 +322,49 @@ class ALPConfig(GRPOConfig):
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GRPOConfig) if f.init}
         values["generation_batch_size"] = None  # derived from steps_per_generation in __post_init__
         return cls(**values)
+
+
+def alp_defaults() -> str:
+    """The ALP defaults in words (read from the fields, never written twice)."""
+    d = {f.name: f.default for f in dataclasses.fields(ALPConfig)}
+    return (
+        f"correction={d['correction']!r}, σ₀={d['alp_init_sigma']}, σ lr {d['alp_sigma_learning_rate']}, "
+        f"clip [{1 - d['alp_epsilon_low']}, {1 + d['alp_epsilon_high']}], dual clip {d['alp_dual_clip']}"
+    )
+
+
+# ALP fields that only matter for some corrections: (applies?, fields).
+_FIELD_SCOPES = (
+    (
+        lambda c: c.perturbs,
+        ("alp_layers", "alp_layers_path", "alp_init_sigma", "alp_learn_sigma", "alp_sigma_learning_rate")
+        + ("alp_sigma_weight_decay", "alp_relative_sigma", "alp_noise_seed"),
+    ),
+    (lambda c: c.uses_alp_clip, ("alp_epsilon_low", "alp_epsilon_high", "alp_dual_clip")),
+    (
+        lambda c: c.is_mode is not None or c.family == "grpo",
+        ("vllm_importance_sampling_clip_min", "vllm_importance_sampling_clip_max"),
+    ),
+    (lambda c: c.family == "grpo", ("vllm_importance_sampling_mode",)),
+    (lambda c: not c.uses_alp_clip, ("epsilon", "epsilon_high")),
+)
+
+
+def warn_unused_fields(args: ALPConfig) -> None:
+    """Say which fields the chosen correction ignores, when the user changed them from their defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ALPConfig)}
+    correction = args.parsed_correction
+    changed = [
+        name
+        for applies, names in _FIELD_SCOPES
+        if not applies(correction)
+        for name in names
+        if getattr(args, name) != defaults[name]
+    ]
+    if changed:
+        logger.warning(
+            "%s do not apply to correction=%r and are ignored (%s).",
+            ", ".join(changed),
+            args.correction,
+            correction.description,
+        )

@@ -8,11 +8,13 @@ gradient of each token's own log-prob, as in the ALP authors' GSPO-style form.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 LOG_RATIO_CLAMP = 20.0
 RATIO_LEVELS = ("token", "sequence", "geometric")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 
 
 def _as_column(advantages: torch.Tensor) -> torch.Tensor:
@@ -49,24 +51,39 @@ def alp_log_weights(
     return seq + (logps - logps.detach())  # exactly seq in value (no rounding), per-token gradient
 
 
+class Clip(NamedTuple):
+    """The clip settings of a policy loss: PPO range ``[1 − low, 1 + high]``, ALP's dual clip ``dual`` (loss capped at
+    ``dual·|A|`` for negative advantages), TRL's two-sided ``delta`` (the unclipped ratio capped at ``delta``), and
+    the CISPO cap of the detached ratio."""
+
+    low: float
+    high: float
+    dual: float | None = None
+    delta: float | None = None
+    cispo_cap: float | None = None
+
+
 def clipped_surrogate(
     log_weights: torch.Tensor,
     advantages: torch.Tensor,
     epsilon_low: float,
     epsilon_high: float,
     dual_clip: float | None = None,
+    delta: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped loss ``−min(r·A, clip(r, 1−ε_low, 1+ε_high)·A)`` with optional dual clip.
+    """PPO clipped loss ``−min(r·A, clip(r, 1−ε_low, 1+ε_high)·A)`` with optional dual clip or TRL's `delta`.
 
     Dual clip (for ``A < 0``): the loss is capped at ``c·|A|``, i.e. the objective is ``max(PPO, c·A)``, so a huge
-    ratio on a negative-advantage token cannot blow up the gradient. Returns the per-token loss and boolean masks
-    ``low`` / ``high`` / ``dual`` of the tokens each clip made constant.
+    ratio on a negative-advantage token cannot blow up the gradient. `delta` is TRL's two-sided clip: the unclipped
+    ratio is capped at `delta` before the ``min``. Returns the per-token loss and boolean masks ``low`` / ``high`` /
+    ``dual`` of the tokens each clip made constant.
     """
     advantages = _as_column(advantages)
     ratio = torch.exp(log_weights)
-    unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * advantages
-    per_token_loss = -torch.min(unclipped, clipped)
+    if delta is not None:
+        ratio = torch.clamp(ratio, max=delta)
+    per_token_loss = -torch.min(ratio * advantages, clipped)
     negative = advantages < 0
     is_dual = torch.zeros_like(negative.expand_as(ratio))
     if dual_clip is not None:
@@ -78,6 +95,59 @@ def clipped_surrogate(
         "dual": is_dual,
     }
     return per_token_loss, stats
+
+
+def policy_loss(
+    loss_type: str,
+    log_weights: torch.Tensor,
+    advantages: torch.Tensor,
+    logps: torch.Tensor,
+    clip: Clip,
+    *,
+    sapo_temperatures: tuple[float, float] = (1.0, 1.05),
+    vespo_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """Per-token policy loss of TRL 1.16's `loss_type` on the log importance weights ``log w``.
+
+    * ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``luspo``: the clipped surrogate (:func:`clipped_surrogate`);
+    * ``cispo``: ``−min(w, clip.cispo_cap)·A·log π`` with the capped ratio detached;
+    * ``sapo``: the soft gate ``−σ(τ(w − 1))·4/τ·A`` with τ = ``sapo_temperatures`` (positive, negative advantage);
+    * ``vespo``: ``−φ·A·log π`` with the detached γ-weights φ (TRL's ``get_gamma_weights``) in `vespo_weights`.
+
+    Returns the per-token loss and, for the clipped losses, the clip masks (else None).
+    """
+    advantages = _as_column(advantages)
+    if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        return clipped_surrogate(log_weights, advantages, clip.low, clip.high, clip.dual, clip.delta)
+    if loss_type == "cispo":
+        if clip.cispo_cap is None:
+            raise ValueError("loss_type='cispo' needs clip.cispo_cap")
+        capped = torch.clamp(torch.exp(log_weights), max=clip.cispo_cap).detach()
+        return -capped * advantages * logps, None
+    if loss_type == "sapo":
+        positive, negative = sapo_temperatures
+        temperatures = torch.where(advantages > 0, positive, negative)
+        return -torch.sigmoid(temperatures * (torch.exp(log_weights) - 1)) * 4 / temperatures * advantages, None
+    if loss_type == "vespo":
+        if vespo_weights is None:
+            raise ValueError("loss_type='vespo' needs vespo_weights (TRL's get_gamma_weights)")
+        return -vespo_weights * advantages * logps, None
+    raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}.")
+
+
+def kl_weights(logps: torch.Tensor, denominator_logps: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    """Importance weight of the per-token KL term (TRL's ``use_bias_correction_kl``), differentiable like TRL's.
+
+    ``geometric``: the length-normalised sequence ratio, ``(B, 1)`` (TRL's ``importance_sampling_level="sequence"``).
+    ``token`` and ``sequence``: the token ratio ``π(y_t)/denominator(y_t)``, ``(B, T)``. The product sequence ratio
+    is never used here: it reaches e^20 on long sequences, and the token ratio is the weight that keeps the per-token
+    reverse-KL estimate unbiased under the sampling distribution.
+    """
+    if level == "geometric":
+        return torch.exp(sequence_log_ratio(logps, denominator_logps, mask, "geometric")).unsqueeze(-1)
+    if level not in RATIO_LEVELS:
+        raise ValueError(f"ratio level must be one of {RATIO_LEVELS}, got {level!r}")
+    return torch.exp((logps - denominator_logps).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
 
 def k3_kl(logps: torch.Tensor, other_logps: torch.Tensor) -> torch.Tensor:
@@ -121,9 +191,7 @@ def aggregate_loss(
         loss = (per_token_loss * mask).sum() / normalizer
         return loss, loss.detach()
     else:
-        raise ValueError(
-            f"Unknown loss_type {loss_type!r}; expected one of grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo."
-        )
+        raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}.")
     return loss / accumulation_steps, loss.detach()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -13,12 +12,13 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
-from .config import ALPConfig
+from .config import ALPConfig, alp_defaults
 from .loss import (
     aggregate_loss,
     alp_log_weights,
-    clipped_surrogate,
     k3_kl,
+    kl_weights,
+    policy_loss,
     rollout_correction_weights,
     sequence_log_ratio,
 )
@@ -29,6 +29,47 @@ from .rollout import record_generate_logprobs, rollout_engine
 logger = logging.getLogger(__name__)
 
 ALP_STATE_FILE = "alp_state.json"
+ALP_STATE_VERSION = 2  # 1 (trl-alp 0.1): layer_indices and σ only; 2: the whole perturbation setup
+
+# The GRPOTrainer methods this trainer overrides or calls, with the parameter names of TRL 1.16 that it was built
+# against: tests/test_trl_parity.py fails with a clear message when an installed TRL differs.
+TRL_METHODS = {
+    # overridden
+    "create_optimizer": ("self", "model"),
+    "training_step": ("self", "model", "inputs", "num_items_in_batch"),
+    "_prepare_inputs": ("self", "generation_batch"),
+    "_generate_single_turn": (
+        "self",
+        "prompt_ids",
+        "images",
+        "multimodal_fields",
+        "num_generations",
+        "has_tool_images",
+    ),
+    "_generate_and_score_completions": ("self", "inputs"),
+    "_get_per_token_logps_and_entropies": (
+        ("self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy")
+        + ("compute_aux_loss", "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask")
+        + ("spatial_shapes", "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+    ),
+    "_compute_loss": ("self", "model", "inputs"),
+    "_save_checkpoint": ("self", "model", "trial"),
+    "save_model": ("self", "output_dir", "_internal_call"),
+    "_load_optimizer_and_scheduler": ("self", "checkpoint"),
+    # called
+    "get_gamma_weights": (
+        ("advantages", "log_ratio_per_token", "mask", "importance_sampling_ratio")
+        + ("k_pos", "lambda_pos", "k_neg", "lambda_neg")
+    ),
+    "get_off_policy_mask": (
+        "advantages",
+        "per_token_logps",
+        "sampling_per_token_logps",
+        "mask",
+        "off_policy_threshold",
+    ),
+    "get_high_entropy_mask": ("self", "entropies", "mask", "threshold"),
+}
 
 # Extra model inputs (multimodal) that TRL forwards to `_get_per_token_logps_and_entropies` in the loss.
 _FORWARD_KEYS = (
@@ -85,12 +126,12 @@ class ALPGRPOTrainer(GRPOTrainer):
             args = ALPConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-ALP")
         elif not isinstance(args, ALPConfig):
             logger.warning(
-                "ALPGRPOTrainer got a plain GRPOConfig: training with the ALP defaults (correction='seq-alp', "
-                "σ₀=0.02, clip [0.5, 4.0], dual clip 10). Use ALPConfig to change them."
+                "ALPGRPOTrainer got a plain GRPOConfig: training with the ALP defaults (%s). Use ALPConfig to change "
+                "them.",
+                alp_defaults(),
             )
             args = ALPConfig.from_grpo_config(args)
         self.correction = args.parsed_correction
-        _check_compatible(args)
         logger.info("correction=%r: %s", self.correction.name, self.correction.description)
 
         super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
@@ -101,7 +142,7 @@ class ALPGRPOTrainer(GRPOTrainer):
                 "ALPGRPOTrainer builds σ's optimizer group itself: pass optimizers=(None, None), or set "
                 "alp_learn_sigma=False to keep σ fixed with your own optimizer."
             )
-        if self.use_vllm and self.vllm_importance_sampling_correction:
+        if self.use_vllm and self.vllm_importance_sampling_correction and self.correction.family != "grpo":
             logger.info(
                 "TRL's vLLM importance-sampling correction is turned off: correction=%r decides the ratio.",
                 self.correction.name,
@@ -113,15 +154,17 @@ class ALPGRPOTrainer(GRPOTrainer):
                 "those of the untruncated temperature-scaled distribution (the same form as the numerator), so the "
                 "ratio ignores the truncation."
             )
-        self._alp_skip_old_pass = False
+        self._alp_skip_old_pass = False  # set while TRL's old-log-prob pass is to be skipped (see below)
         self._alp_capture_loss_logps = False
         self.add_callback(_SigmaGradCallback(self))
 
     def _build_perturbation(self, args: ALPConfig) -> LayerPerturbation:
         seed = args.seed if args.alp_noise_seed is None else args.alp_noise_seed
+        self._alp_layers_path = None
         if not self.correction.perturbs:
             return LayerPerturbation(torch.nn.ModuleList(), [], args.alp_init_sigma, learnable=False, seed=seed)
         layers_path, layers = find_decoder_layers(self.model, args.alp_layers_path)
+        self._alp_layers_path = layers_path
         indices = parse_layer_spec(args.alp_layers, len(layers))
         final = unwrap_model(self.model).base_model if is_logits_only(args.alp_layers) else None
         logger.info(
@@ -181,21 +224,26 @@ class ALPGRPOTrainer(GRPOTrainer):
         return completion_ids, [row[: len(ids)].tolist() for row, ids in zip(logps, completion_ids, strict=True)]
 
     def _generate_and_score_completions(self, inputs):
-        # ALP and Bypass use the rollout log-probs as denominator, so TRL's extra no-grad "old" pass is not needed.
-        # TRL runs it exactly when generation and optimizer steps are misaligned (its vLLM IS correction, the other
-        # trigger, is off in this trainer).
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        self._alp_skip_old_pass = (
-            not self.correction.uses_old_logps and self.args.gradient_accumulation_steps % generate_every != 0
-        )
+        # ALP and Bypass use the rollout log-probs as denominator, so TRL's no-grad "old" pass is not needed. TRL runs
+        # it when generation and optimizer steps are misaligned (its vLLM IS correction, the other trigger, is off here
+        # for these corrections).
+        self._alp_skip_old_pass = not self.correction.uses_old_logps
         try:
             return super()._generate_and_score_completions(inputs)
         finally:
             self._alp_skip_old_pass = False
 
+    def _is_old_pass(self, model) -> bool:
+        """Whether a log-prob pass is TRL's old one: no grad, the policy model itself, and not the reference (a model
+        of its own, or this PEFT model with its adapter disabled or switched to TRL's "ref" adapter)."""
+        if torch.is_grad_enabled() or model is not self.model:
+            return False
+        base = self.accelerator.unwrap_model(model)
+        return not (getattr(base, "_adapters_disabled", False) or getattr(base, "active_adapter", None) == "ref")
+
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
-        if self._alp_skip_old_pass:  # the first pass of `_generate_and_score_completions` is the "old" one
-            self._alp_skip_old_pass = False
+        if self._alp_skip_old_pass and self._is_old_pass(model):
+            self._alp_skip_old_pass = False  # one old pass per generation; TRL stores None = "not computed"
             return None, None, None
         out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
         if self._alp_capture_loss_logps:  # TRL's loss forward: kept for the diagnostics of correction="grpo"
@@ -240,84 +288,73 @@ class ALPGRPOTrainer(GRPOTrainer):
         per_token_logps, entropies, aux_loss = self._completion_logps(
             model, inputs, compute_entropy=True, compute_aux_loss=self.aux_loss_enabled
         )
-        # Faults: tokens the engine could not score (vLLM reports NaN) or whose training log-prob is not finite carry
-        # no ratio. They are counted, dropped from the loss and zeroed (so no NaN reaches σ or the weights).
-        rollout_ok, numerator_ok = torch.isfinite(rollout_logps), torch.isfinite(per_token_logps.detach())
-        faults = torch.stack([(mask * ~rollout_ok).sum(), (mask * ~numerator_ok).sum()]).float()
-        faults = self.accelerator.reduce(faults, reduction="sum").tolist()
-        self._metrics[mode]["alp/faults/rollout_nonfinite"].append(faults[0])
-        self._metrics[mode]["alp/faults/numerator_nonfinite"].append(faults[1])
-        mask = mask * rollout_ok * numerator_ok
-        rollout_logps = torch.where(rollout_ok, rollout_logps, 0.0)
-        per_token_logps = torch.where(numerator_ok, per_token_logps, 0.0)
-        entropies = torch.nan_to_num(entropies, nan=0.0, posinf=0.0, neginf=0.0)
+        mask, per_token_logps, rollout_logps, entropies = self._drop_nonfinite(
+            mode, mask, per_token_logps, rollout_logps, entropies
+        )
         advantages = inputs["advantages"]
         advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-        args = self.args
+        args, correction, level = self.args, self.correction, self.args.ratio_level
 
-        is_weights = None
-        if self.correction.family in ("alp", "bypass"):
-            log_weights = alp_log_weights(per_token_logps, rollout_logps, mask, self.correction.level)
-            clip = (args.alp_epsilon_low, args.alp_epsilon_high, args.alp_dual_clip)
-        else:  # TIS / MIS: TRL's GRPO ratio over the old log-probs, times the rollout weight π_old/μ
+        # The ratio: ALP/Bypass over the rollout log-probs; TIS/MIS over TRL's π_old, times the rollout weight π_old/μ.
+        if correction.uses_old_logps:
             old_logps = inputs.get("old_per_token_logps")
-            old_logps = per_token_logps.detach() if old_logps is None else old_logps
-            log_weights = alp_log_weights(per_token_logps, old_logps, mask, "token")
-            clip = (self.epsilon_low, self.epsilon_high, None)
+            denominator = per_token_logps.detach() if old_logps is None else old_logps
+        else:
+            denominator = rollout_logps
+        log_weights = alp_log_weights(per_token_logps, denominator, mask, level)
+        is_weights = None
+        if correction.is_mode is not None:
             is_weights, is_hit = rollout_correction_weights(
-                old_logps,
+                denominator,
                 rollout_logps,
                 mask,
-                self.correction.level,
-                "truncate" if self.correction.family == "tis" else "mask",
-                args.rollout_is_min,
-                args.rollout_is_max,
+                correction.level,
+                correction.is_mode,
+                args.vllm_importance_sampling_clip_min,
+                args.vllm_importance_sampling_clip_max,
             )
 
-        clip_stats = None
-        if self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
-            per_token_loss, clip_stats = clipped_surrogate(log_weights, advantages, *clip)
-        elif self.loss_type == "cispo":
-            capped = torch.clamp(torch.exp(log_weights), max=1 + clip[1]).detach()
-            per_token_loss = -capped * advantages * per_token_logps
-        elif self.loss_type == "sapo":
-            temperatures = torch.where(advantages > 0, args.sapo_temperature_pos, args.sapo_temperature_neg)
-            per_token_loss = (
-                -torch.sigmoid(temperatures * (torch.exp(log_weights) - 1)) * 4 / temperatures * advantages
-            )
-        elif self.loss_type == "vespo":
-            phi = self.get_gamma_weights(
+        vespo_weights = None
+        if self.loss_type == "vespo":  # TRL's γ-weights; the rollout weight goes inside them, never multiplied again
+            vespo_weights = self.get_gamma_weights(
                 advantages,
-                per_token_logps - rollout_logps,
+                per_token_logps - denominator,
                 mask,
-                None,
+                is_weights,
                 k_pos=args.vespo_k_pos,
                 lambda_pos=args.vespo_lambda_pos,
                 k_neg=args.vespo_k_neg,
                 lambda_neg=args.vespo_lambda_neg,
             )
-            per_token_loss = -phi * advantages * per_token_logps
-        else:
-            raise ValueError(f"Unknown loss_type {self.loss_type!r}")
+        per_token_loss, clip_stats = policy_loss(
+            self.loss_type,
+            log_weights,
+            advantages,
+            per_token_logps,
+            args.clip,
+            sapo_temperatures=(args.sapo_temperature_pos, args.sapo_temperature_neg),
+            vespo_weights=vespo_weights,
+        )
 
-        if is_weights is not None:
-            per_token_loss = per_token_loss * is_weights
-        if self.top_entropy_quantile < 1.0:
-            per_token_loss = per_token_loss * self.get_high_entropy_mask(
-                entropies, mask, 1 - self.top_entropy_quantile
-            )
+        # Masks, rollout weight and KL, in TRL's order.
         if self.off_policy_mask_threshold is not None:
             per_token_loss = per_token_loss * self.get_off_policy_mask(
                 advantages, per_token_logps, rollout_logps, mask, self.off_policy_mask_threshold
             )
+        if self.top_entropy_quantile < 1.0:
+            per_token_loss = per_token_loss * self.get_high_entropy_mask(
+                entropies, mask, 1 - self.top_entropy_quantile
+            )
+        if is_weights is not None and self.loss_type != "vespo":
+            per_token_loss = per_token_loss * is_weights
         if self.beta != 0.0:
             per_token_kl = k3_kl(per_token_logps, inputs["ref_per_token_logps"])
             if args.use_bias_correction_kl:
-                per_token_kl = per_token_kl * torch.exp(log_weights).detach()
+                per_token_kl = per_token_kl * kl_weights(per_token_logps, denominator, mask, level)
             per_token_loss = per_token_loss + self.beta * per_token_kl
 
         training = mode == "train"
-        loss, policy_loss = aggregate_loss(
+        loss, policy_loss_value = aggregate_loss(
             per_token_loss,
             mask,
             self.loss_type,
@@ -346,14 +383,29 @@ class ALPGRPOTrainer(GRPOTrainer):
                 self._global_masked_mean(clip_stats["low"] | clip_stats["high"], mask)
             )
         if is_weights is not None:
-            metrics[f"alp/is/{'truncated' if self.correction.family == 'tis' else 'masked'}_frac"].append(
+            metrics[f"alp/is/{'truncated' if correction.is_mode == 'truncate' else 'masked'}_frac"].append(
                 self._global_masked_mean(is_hit, mask)
             )
         if self.beta != 0.0:
             metrics["kl"].append(self._global_masked_mean(per_token_kl, mask))
         metrics["entropy"].append(self._global_masked_mean(entropies, mask))
-        metrics["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+        metrics["policy_loss"].append(self.accelerator.gather(policy_loss_value).nanmean().item())
         return loss
+
+    def _drop_nonfinite(self, mode, mask, per_token_logps, rollout_logps, entropies):
+        """Tokens the engine could not score (vLLM reports NaN) or whose training log-prob is not finite carry no
+        ratio: count them, drop them from the mask and zero them, so no NaN reaches σ or the weights."""
+        rollout_ok, numerator_ok = torch.isfinite(rollout_logps), torch.isfinite(per_token_logps.detach())
+        faults = torch.stack([(mask * ~rollout_ok).sum(), (mask * ~numerator_ok).sum()]).float()
+        faults = self.accelerator.reduce(faults, reduction="sum").tolist()
+        self._metrics[mode]["alp/faults/rollout_nonfinite"].append(faults[0])
+        self._metrics[mode]["alp/faults/numerator_nonfinite"].append(faults[1])
+        return (
+            mask * rollout_ok * numerator_ok,
+            torch.where(numerator_ok, per_token_logps, 0.0),
+            torch.where(rollout_ok, rollout_logps, 0.0),
+            torch.nan_to_num(entropies, nan=0.0, posinf=0.0, neginf=0.0),
+        )
 
     # ---------------------------------------------------------------------------------------------- metrics
     def _global_masked_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
@@ -403,10 +455,25 @@ class ALPGRPOTrainer(GRPOTrainer):
             metrics["alp/sigma/max"].append(sigma.max().item())
 
     # ------------------------------------------------------------------------------------ saving / loading
-    def alp_state(self) -> dict:
-        """σ and the perturbed layers, as saved in ``alp_state.json``."""
+    def alp_setup(self) -> dict:
+        """What the perturbation's parameters mean: a checkpoint's σ only fits a run with the same setup."""
         p = self.alp_perturbation
-        return {"layer_indices": p.layer_indices, "log_sigma": p.log_sigma.tolist(), "sigma": p.sigma.tolist()}
+        return {
+            "layers_path": self._alp_layers_path,
+            "layer_indices": p.layer_indices,
+            "labels": p.labels,
+            "relative": p.relative,
+        }
+
+    def alp_state(self) -> dict:
+        """σ and the perturbation setup, as saved in ``alp_state.json``."""
+        p = self.alp_perturbation
+        return {
+            "format_version": ALP_STATE_VERSION,
+            **self.alp_setup(),
+            "log_sigma": p.log_sigma.tolist(),
+            "sigma": p.sigma.tolist(),
+        }
 
     def _write_alp_state(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
@@ -425,74 +492,37 @@ class ALPGRPOTrainer(GRPOTrainer):
             self._write_alp_state(output_dir or self.args.output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
+        # The ALP state first: a checkpoint of another perturbation setup would also fail in the optimizer's state
+        # (σ's group), with a message that does not say why.
         path = os.path.join(checkpoint, ALP_STATE_FILE) if checkpoint is not None else None
+        state = None
         if path is not None and os.path.exists(path):
             with open(path) as f:
                 state = json.load(f)
-            if state["layer_indices"] != self.alp_perturbation.layer_indices:
-                raise ValueError(
-                    f"Checkpoint {checkpoint} perturbs layers {state['layer_indices']}, but this run perturbs "
-                    f"{self.alp_perturbation.layer_indices}; resume with the same alp_layers."
-                )
-            with torch.no_grad():
-                self.alp_perturbation.log_sigma.copy_(torch.tensor(state["log_sigma"]))
+            self._check_alp_setup(state, source=checkpoint)
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if state is not None:
+            self.load_alp_state(state, source=checkpoint)
 
+    def _check_alp_setup(self, state: dict, source: str) -> None:
+        version = state.get("format_version", 1)
+        if version > ALP_STATE_VERSION:
+            raise ValueError(
+                f"{source}: {ALP_STATE_FILE} has format_version {version}; this trl-alp reads up to "
+                f"{ALP_STATE_VERSION}. Upgrade trl-alp."
+            )
+        # version 1 stored only the layer indices; compare what the file has
+        setup = self.alp_setup()
+        differ = {key: (state[key], value) for key, value in setup.items() if key in state and state[key] != value}
+        if differ:
+            details = "; ".join(f"{key}: checkpoint {old!r}, this run {new!r}" for key, (old, new) in differ.items())
+            raise ValueError(
+                f"{source} was saved with another ALP perturbation setup ({details}). Resume with the same "
+                "correction, alp_layers, alp_layers_path and alp_relative_sigma, or start a new run."
+            )
 
-# ALP fields that only matter for some corrections: (applies?, fields).
-_FIELD_SCOPES = (
-    (
-        lambda c: c.perturbs,
-        ("alp_layers", "alp_layers_path", "alp_init_sigma", "alp_learn_sigma", "alp_sigma_learning_rate")
-        + ("alp_sigma_weight_decay", "alp_relative_sigma", "alp_noise_seed"),
-    ),
-    (lambda c: c.family in ("alp", "bypass"), ("alp_epsilon_low", "alp_epsilon_high", "alp_dual_clip")),
-    (lambda c: c.family in ("tis", "mis"), ("rollout_is_min", "rollout_is_max")),
-)
-
-
-def _warn_unused_fields(args: ALPConfig) -> None:
-    """Say which ALP fields the chosen correction ignores, when the user changed them."""
-    defaults = {f.name: f.default for f in dataclasses.fields(ALPConfig)}
-    for applies, names in _FIELD_SCOPES:
-        changed = [n for n in names if getattr(args, n) != defaults[n]]
-        if changed and not applies(args.parsed_correction):
-            logger.warning("%s do not apply to correction=%r and are ignored.", ", ".join(changed), args.correction)
-
-
-def _check_compatible(args: ALPConfig) -> None:
-    """Reject TRL options the chosen correction cannot honour, before the model is loaded."""
-    _warn_unused_fields(args)
-    if args.correction == "grpo":
-        return  # TRL's own loss: every TRL option applies
-    if args.delta is not None:
-        raise ValueError(
-            f"delta={args.delta} is TRL's two-sided clip; with correction={args.correction!r} use alp_dual_clip."
-        )
-    if args.importance_sampling_level != "token":
-        raise ValueError(
-            f"importance_sampling_level={args.importance_sampling_level!r} selects TRL's ratio; with "
-            f"correction={args.correction!r} the level is part of the correction (e.g. 'seq-alp', 'token-alp', "
-            "'geo-alp', 'seq-mis'); use correction='grpo' for TRL's GSPO."
-        )
-    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
-        raise ValueError(
-            f"entropy_coef / use_adaptive_entropy (TRL's entropy bonus) are only supported with correction='grpo', "
-            f"not {args.correction!r}: set entropy_coef=0.0 and use_adaptive_entropy=False."
-        )
-    if args.use_transformers_continuous_batching:
-        raise ValueError(
-            f"use_transformers_continuous_batching=True returns no rollout log-probs, which correction="
-            f"{args.correction!r} needs: use the default transformers generate path, use_vllm=True, or "
-            "correction='grpo'."
-        )
-    if args.parsed_correction.family in ("alp", "bypass") and (
-        args.epsilon != 0.2 or (args.epsilon_high is not None and args.epsilon_high != args.epsilon)
-    ):
-        logger.warning(
-            "epsilon/epsilon_high are TRL's clip and are not used by correction=%r: its ratio is clipped with "
-            "alp_epsilon_low=%s, alp_epsilon_high=%s.",
-            args.correction,
-            args.alp_epsilon_low,
-            args.alp_epsilon_high,
-        )
+    def load_alp_state(self, state: dict, source: str = "the state") -> None:
+        """Restore σ from `state` (an ``alp_state.json``); refuse a state written for another perturbation setup."""
+        self._check_alp_setup(state, source)
+        with torch.no_grad():
+            self.alp_perturbation.log_sigma.copy_(torch.tensor(state["log_sigma"]))
