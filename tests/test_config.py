@@ -114,6 +114,17 @@ def test_plain_grpo_config_is_upgraded_with_the_defaults_in_words(caplog, make_t
     assert alp_defaults() == "correction='seq-alp', σ₀=0.02, σ lr 0.01, clip [0.5, 4.0], dual clip 10.0"
 
 
+def test_default_values_in_messages_are_read_from_the_fields(monkeypatch, caplog, make_trainer):
+    import dataclasses
+
+    field = {f.name: f for f in dataclasses.fields(ALPConfig)}["alp_init_sigma"]
+    monkeypatch.setattr(field, "default", 0.05)
+    assert "σ₀=0.05" in alp_defaults()
+    with caplog.at_level(logging.WARNING, logger="trl_alp"):
+        make_trainer(config_cls=GRPOConfig, max_steps=1)
+    assert "σ₀=0.05" in caplog.text  # the upgrade warning says what the fields say, not a copy of them
+
+
 def test_plain_grpo_config_with_an_option_alp_cannot_honour_fails_at_upgrade():
     with pytest.raises(ValueError, match="delta"):
         ALPConfig.from_grpo_config(GRPOConfig(**BASE, delta=3.0))
