@@ -13,13 +13,14 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
-from .config import ALPConfig
+from .config import KL_CLAMP, ALPConfig
 from .loss import (
     aggregate_loss,
     alp_log_weights,
     clipped_surrogate,
     k3_kl,
     rollout_correction_weights,
+    rollout_mask_weights,
     sequence_log_ratio,
 )
 from .metrics import mismatch_stats, quantile_stats, weight_diagnostics
@@ -186,7 +187,9 @@ class ALPGRPOTrainer(GRPOTrainer):
         # trigger, is off in this trainer).
         generate_every = self.args.steps_per_generation * self.num_iterations
         self._alp_skip_old_pass = (
-            not self.correction.uses_old_logps and self.args.gradient_accumulation_steps % generate_every != 0
+            not self.correction.uses_old_logps
+            and self.args.alp_rollout_mask is None  # the rollout mask is computed on π_old/μ
+            and self.args.gradient_accumulation_steps % generate_every != 0
         )
         try:
             return super()._generate_and_score_completions(inputs)
@@ -302,6 +305,10 @@ class ALPGRPOTrainer(GRPOTrainer):
 
         if is_weights is not None:
             per_token_loss = per_token_loss * is_weights
+        # --- rollout rejection mask on top of the ALP/Bypass ratio (alp_rollout_mask): see `_alp_rollout_mask` ---
+        if args.alp_rollout_mask is not None:
+            per_token_loss = per_token_loss * self._alp_rollout_mask(mode, inputs, rollout_logps, mask)
+        # ---
         if self.top_entropy_quantile < 1.0:
             per_token_loss = per_token_loss * self.get_high_entropy_mask(
                 entropies, mask, 1 - self.top_entropy_quantile
@@ -311,7 +318,9 @@ class ALPGRPOTrainer(GRPOTrainer):
                 advantages, per_token_logps, rollout_logps, mask, self.off_policy_mask_threshold
             )
         if self.beta != 0.0:
-            per_token_kl = k3_kl(per_token_logps, inputs["ref_per_token_logps"])
+            per_token_kl = k3_kl(
+                per_token_logps, inputs["ref_per_token_logps"], clamp=KL_CLAMP if args.alp_kl_clamp else None
+            )
             if args.use_bias_correction_kl:
                 per_token_kl = per_token_kl * torch.exp(log_weights).detach()
             per_token_loss = per_token_loss + self.beta * per_token_kl
@@ -354,6 +363,39 @@ class ALPGRPOTrainer(GRPOTrainer):
         metrics["entropy"].append(self._global_masked_mean(entropies, mask))
         metrics["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
         return loss
+
+    def _alp_rollout_mask(self, mode: str, inputs, rollout_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Weights of the rollout rejection mask (`loss.rollout_mask_weights`), logged under ``alp/rollout_mask/*``.
+
+        As in the ALP authors' code (multi-turn/verl/trainer/ppo/core_algos.py, ``compute_rollout_importance_weights(
+        old_log_prob=old_log_prob, rollout_log_prob=rollout_log_probs, ...)`` with ``old_log_probs`` recomputed by
+        ``actor_rollout_wg.compute_log_prob`` in eval mode, i.e. without noise) the mask is computed on π_old/μ, not on
+        the (perturbed) ratio being clipped, and multiplies the clipped policy loss, not the KL term. π_old is TRL's
+        recomputed old log-probs; when generation and optimizer steps are aligned TRL does not compute them because
+        the weights have not moved since sampling, so a no-grad forward of the current model (no noise: the hooks are
+        silent without grad) is π_old.
+        """
+        old_logps = inputs.get("old_per_token_logps")
+        if old_logps is None:
+            with torch.no_grad():
+                old_logps, _, _ = self._completion_logps(self.model, inputs)
+        args = self.args
+        weights, rejected = rollout_mask_weights(
+            old_logps,
+            rollout_logps,
+            mask,
+            args.alp_rollout_mask,
+            args.alp_rollout_mask_min,
+            args.alp_rollout_mask_max,
+            args.alp_rollout_mask_weighted,
+        )
+        metrics = self._metrics[mode]
+        metrics["alp/rollout_mask/masked_frac"].append(self._global_masked_mean(rejected, mask))
+        has_tokens = mask.amax(-1, keepdim=True)
+        metrics["alp/rollout_mask/seq_masked_frac"].append(
+            self._global_masked_mean(rejected.any(-1, keepdim=True), has_tokens)
+        )
+        return weights
 
     # ---------------------------------------------------------------------------------------------- metrics
     def _global_masked_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
