@@ -5,13 +5,17 @@ log-prob recorder has seen the model's own scores); TRL parses it with the Qwen2
 appends the result and generates the next turn from the model.
 """
 
+from importlib.resources import files
+
 import pytest
 import torch
 from datasets import Dataset
 from engines import StandInVLLM, script_generation
+from readme_blocks import readme_block
 from tiny_setup import PROMPT_ROWS, TRAINER_SETTINGS, last_logged
 
 from trl_alp import ALPConfig, ALPGRPOTrainer
+from trl_alp.tools.cli import main
 from trl_alp.tools.data import calculator
 from trl_alp.tools.tiny import build_tiny_model, build_tool_tokenizer
 
@@ -196,3 +200,37 @@ def test_masked_truncated_completions_give_a_finite_zero_loss(tool_tokenizer, tm
         assert truncated.all()
     assert last_logged(trainer, "policy_loss") == 0.0
     assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))
+
+
+def test_readme_tools_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exec(readme_block("tools", "example"), {})
+    assert (tmp_path / "runs" / "tools").is_dir()
+
+
+def test_cli_tool_recipe_trains_with_the_calculator(tmp_path, monkeypatch):
+    """The README's `trl-alp train --config trl_alp/recipes/tiny_tool_use.yaml`, one step."""
+    from trl_alp.trainer import ALPGRPOTrainer
+
+    seen, train = {}, ALPGRPOTrainer.train
+
+    def recording(self, *args, **kwargs):
+        seen["tools"], seen["args"] = self.tools, self.args
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(ALPGRPOTrainer, "train", recording)
+    recipe = str(files("trl_alp") / "recipes" / "tiny_tool_use.yaml")
+    assert main(["train", "--config", recipe, "--max_steps", "1", "--output_dir", str(tmp_path / "o")]) == 0
+    assert seen["tools"] == [calculator]
+    assert seen["args"].alp_recipe == "paper-multi-turn" and seen["args"].alp_init_sigma == 1e-6
+    assert seen["args"].learning_rate == 1e-3  # the YAML's value beats the preset's
+    assert (tmp_path / "o" / "alp_state.json").exists()
+
+
+def test_cli_tools_split_on_commas_and_bad_tools_fail_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--model_name_or_path", "tiny", "--bf16", "false", "--use_cpu", "true", "--report_to", "none"]
+    assert main([*argv, "--tools", "trl_alp.tools.data:calculator,no.such.module:tool"]) == 2
+    assert "cannot import tool 'no.such.module:tool'" in capsys.readouterr().err
+    assert main([*argv, "--tools", "calculator"]) == 2
+    assert "tool 'calculator': use 'package.module:function'" in capsys.readouterr().err
