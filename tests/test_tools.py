@@ -121,6 +121,14 @@ def test_vllm_path_ratio_is_one_on_every_turn(tool_tokenizer, tmp_path, monkeypa
     assert_ratio_is_one(trainer)
 
 
+def test_grpo_diagnostics_exclude_tool_tokens(tool_tokenizer, tmp_path):
+    """TRL's own loss (correction="grpo"): the alp/* diagnostics still use completion_mask * tool_mask."""
+    trainer = make_tool_trainer(tool_tokenizer, tmp_path, correction="grpo")
+    trainer.train()
+    assert_rollout_logps_are_the_models_on_every_turn(trainer)
+    assert_ratio_is_one(trainer)
+
+
 class CalculatorEnv:
     """An environment whose method is the tool."""
 
