@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 import trl.trainer.grpo_trainer as grpo_module
-from fake_vllm import FakeVLLM
+from engines import StandInVLLM
 from tiny_setup import PROMPT_ROWS, TRAINER_SETTINGS, length_reward
 from trl import GRPOConfig, GRPOTrainer
 
@@ -64,7 +64,7 @@ def trainers(tokenizer, prompt_dataset, tmp_path_factory):
     settings["output_dir"] = str(tmp_path_factory.mktemp("parity"))
     model = build_tiny_model(tokenizer, seed=3).double()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(grpo_module, "VLLMGeneration", FakeVLLM)
+        patch.setattr(grpo_module, "VLLMGeneration", StandInVLLM)
         trl_trainer = GRPOTrainer(
             model=copy.deepcopy(model),
             reward_funcs=length_reward,
@@ -96,9 +96,9 @@ def generate(trl_trainer, mode: str = "token_truncate", noise: float = 0.7) -> d
     torch.manual_seed(0)
     rows = [row for row in PROMPT_ROWS[:2] for _ in range(4)]
     with pytest.MonkeyPatch.context() as patch, torch.no_grad():
-        patch.setattr(FakeVLLM, "shift", 0.0)
-        patch.setattr(FakeVLLM, "noise", noise)
-        patch.setattr(FakeVLLM, "ragged", True)
+        patch.setattr(StandInVLLM, "shift", 0.0)
+        patch.setattr(StandInVLLM, "noise", noise)
+        patch.setattr(StandInVLLM, "ragged", True)
         batch = trl_trainer._generate_and_score_completions(rows)
     g = torch.Generator().manual_seed(1)
     shape = batch["completion_ids"].shape

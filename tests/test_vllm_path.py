@@ -6,15 +6,18 @@ import math
 import pytest
 import torch
 import trl.trainer.grpo_trainer as grpo_module
-from fake_vllm import SHIFT, FakeVLLM
+from engines import StandInVLLM
 from tiny_setup import last_logged
+
+SHIFT = 1.0  # the engine reports log μ = log π − SHIFT, so the token ratio π/μ is exactly e
 
 
 @pytest.fixture
 def fake_vllm(monkeypatch):
-    FakeVLLM.instances.clear()
-    monkeypatch.setattr(grpo_module, "VLLMGeneration", FakeVLLM)
-    return FakeVLLM.instances
+    StandInVLLM.instances.clear()
+    monkeypatch.setattr(grpo_module, "VLLMGeneration", StandInVLLM)
+    monkeypatch.setattr(StandInVLLM, "shift", SHIFT)
+    return StandInVLLM.instances
 
 
 def test_vllm_logprobs_are_the_denominator_and_trls_correction_is_off(make_trainer, fake_vllm, caplog):

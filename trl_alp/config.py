@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -10,11 +11,15 @@ from typing import NamedTuple
 
 from trl import GRPOConfig
 
-from .loss import Clip
+from .loss import ROLLOUT_MASK_LEVELS, Clip
 from .perturbation import validate_layer_spec
+from .presets import PRESETS, apply_preset
 from .rollout import ROLLOUT_DTYPES, ROLLOUT_WEIGHT_BITS
 
 logger = logging.getLogger(__name__)
+
+# verl's low_var_kl bounds (the ALP authors' single-turn KL): log-ratio to ±20, estimate to ±10.
+KL_CLAMP = (20.0, 10.0)
 
 
 class Correction(NamedTuple):
@@ -204,8 +209,48 @@ class ALPConfig(GRPOConfig):
         default=None,
         metadata={"help": "Seed of the perturbation noise; None uses `seed`."},
     )
+    alp_recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "A published ALP recipe (trl_alp/presets.py): 'paper-single-turn' or 'paper-multi-turn' sets "
+            "every algorithmic field of the authors' script; fields you pass explicitly win.",
+            "choices": [None, *PRESETS],
+        },
+    )
+    alp_rollout_mask: str | None = field(
+        default=None,
+        metadata={
+            "help": "Rollout rejection mask on top of an ALP/Bypass ratio (the authors' rollout_is, mode 'mask'): the "
+            "weight π_old/μ of the recomputed unperturbed old policy over the rollout engine, per 'token', as the "
+            "'sequence' product or its 'geometric' mean, zeroes the loss outside [alp_rollout_mask_min, "
+            "alp_rollout_mask_max]. None disables it.",
+            "choices": [None, *ROLLOUT_MASK_LEVELS],
+        },
+    )
+    alp_rollout_mask_min: float = field(
+        default=0.0, metadata={"help": "Lower bound (inclusive) of π_old/μ kept by alp_rollout_mask (authors: 0)."}
+    )
+    alp_rollout_mask_max: float = field(
+        default=5.0, metadata={"help": "Upper bound (inclusive) of π_old/μ kept by alp_rollout_mask (authors: 5)."}
+    )
+    alp_rollout_mask_weighted: bool = field(
+        default=True,
+        metadata={
+            "help": "Multiply the kept tokens' loss by π_old/μ, as the authors' mask mode does; False = a plain 0/1 "
+            "rejection mask."
+        },
+    )
+    alp_kl_clamp: bool = field(
+        default=False,
+        metadata={
+            "help": "Clamp the k3 KL to the reference like verl's low_var_kl (log-ratio to ±20, estimate to [-10, 10]), "
+            "as in the authors' single-turn recipe. False = TRL's unbounded estimate."
+        },
+    )
 
     def __post_init__(self):
+        if self.alp_recipe is not None:  # first, so every check below sees the final values
+            apply_preset(self, self.alp_recipe, getattr(self, "_alp_explicit", None))
         # ALP fields first: a typo fails in a second, before TRL/transformers set up devices.
         if self.correction not in CORRECTIONS:
             raise ValueError(f"correction must be one of {list(CORRECTIONS)}, got {self.correction!r}")
@@ -218,11 +263,9 @@ class ALPConfig(GRPOConfig):
             raise ValueError(f"alp_epsilon_low must be in (0, 1), got {self.alp_epsilon_low!r}")
         if self.alp_dual_clip is not None:
             _check_finite("alp_dual_clip", self.alp_dual_clip)
-            if self.alp_dual_clip <= 1 + self.alp_epsilon_high:
-                raise ValueError(
-                    f"alp_dual_clip must be > 1 + alp_epsilon_high = {1 + self.alp_epsilon_high}, "
-                    f"got {self.alp_dual_clip!r} (or None to disable it)"
-                )
+            # c > 1 as the authors assert (core_algos.py); their multi-turn c = 3 lies inside 1 + clip_ratio_high = 4.
+            if self.alp_dual_clip <= 1:
+                raise ValueError(f"alp_dual_clip must be > 1, got {self.alp_dual_clip!r} (or None to disable it)")
         validate_layer_spec(self.alp_layers)  # the trainer checks the range against the model
         if self.alp_rollout_dtype not in (None, *ROLLOUT_DTYPES):
             raise ValueError(
@@ -233,6 +276,7 @@ class ALPConfig(GRPOConfig):
                 f"alp_rollout_weight_bits must be one of {list(ROLLOUT_WEIGHT_BITS)} or None, "
                 f"got {self.alp_rollout_weight_bits!r}"
             )
+        self._check_rollout_mask_and_kl_clamp()
         if self.use_vllm and (self.alp_rollout_dtype or self.alp_rollout_weight_bits):
             raise ValueError(
                 "alp_rollout_dtype / alp_rollout_weight_bits emulate an inference engine; with use_vllm=True vLLM is "
@@ -312,6 +356,40 @@ class ALPConfig(GRPOConfig):
         high = self.epsilon if self.epsilon_high is None else self.epsilon_high
         return Clip(self.epsilon, high, delta=self.delta, cispo_cap=high)
 
+    def _check_rollout_mask_and_kl_clamp(self) -> None:
+        """Rollout mask and KL clamp: valid values, and only where the chosen correction can apply them."""
+        if self.alp_rollout_mask is not None:
+            if self.alp_rollout_mask not in ROLLOUT_MASK_LEVELS:
+                raise ValueError(
+                    f"alp_rollout_mask must be one of {list(ROLLOUT_MASK_LEVELS)} or None, got {self.alp_rollout_mask!r}"
+                )
+            if self.parsed_correction.family not in ("alp", "bypass"):
+                raise ValueError(
+                    f"alp_rollout_mask applies on top of an ALP or Bypass ratio, not correction={self.correction!r} "
+                    "(TIS/MIS already weight by π_old/μ; 'grpo' is TRL's own loss): use an '*-alp' or '*-bypass' "
+                    "correction or alp_rollout_mask=None."
+                )
+        _check_finite("alp_rollout_mask_min", self.alp_rollout_mask_min, nonnegative=True)
+        _check_finite("alp_rollout_mask_max", self.alp_rollout_mask_max, positive=True)
+        if self.alp_rollout_mask_min >= self.alp_rollout_mask_max:
+            raise ValueError(
+                f"alp_rollout_mask_min ({self.alp_rollout_mask_min}) must be < alp_rollout_mask_max "
+                f"({self.alp_rollout_mask_max})."
+            )
+        mask_fields = ("alp_rollout_mask_min", "alp_rollout_mask_max", "alp_rollout_mask_weighted")
+        changed = [
+            f.name for f in dataclasses.fields(self) if f.name in mask_fields and getattr(self, f.name) != f.default
+        ]
+        if self.alp_rollout_mask is None and changed:
+            logger.warning("%s are ignored: alp_rollout_mask is None.", ", ".join(changed))
+        if self.alp_kl_clamp and self.correction == "grpo":
+            raise ValueError(
+                "alp_kl_clamp=True clamps the KL of the ALP loss; correction='grpo' runs TRL's own loss: set "
+                "alp_kl_clamp=False or choose another correction."
+            )
+        if self.alp_kl_clamp and self.beta == 0.0:
+            logger.warning("alp_kl_clamp=True is ignored: beta=0.0 adds no KL term.")
+
     @property
     def parsed_correction(self) -> Correction:
         return CORRECTIONS[self.correction]
@@ -368,3 +446,20 @@ def warn_unused_fields(args: ALPConfig) -> None:
             args.correction,
             correction.description,
         )
+
+
+def _record_explicit_fields(init):
+    """Wrap the dataclass ``__init__`` so `alp_recipe` knows which fields the caller passed (those win)."""
+    names = [f.name for f in dataclasses.fields(ALPConfig) if f.init]
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        self._alp_explicit = frozenset(names[: len(args)]) | frozenset(kwargs)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+# A subclass declared with @dataclass gets a new __init__ without this wrapper: `alp_recipe` then treats fields still
+# at their default as not given (see `presets.apply_preset`).
+ALPConfig.__init__ = _record_explicit_fields(ALPConfig.__init__)

@@ -150,10 +150,18 @@ def kl_weights(logps: torch.Tensor, denominator_logps: torch.Tensor, mask: torch
     return torch.exp((logps - denominator_logps).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
 
-def k3_kl(logps: torch.Tensor, other_logps: torch.Tensor) -> torch.Tensor:
-    """Per-token low-variance KL estimate ``exp(o − p) − (o − p) − 1`` (TRL's form for the reference KL)."""
+def k3_kl(logps: torch.Tensor, other_logps: torch.Tensor, *, clamp: tuple[float, float] | None = None) -> torch.Tensor:
+    """Per-token low-variance KL estimate ``exp(o − p) − (o − p) − 1`` (TRL's form for the reference KL).
+
+    ``clamp=(max_log_ratio, max_value)`` bounds it as verl's ``low_var_kl`` does (the ALP authors' single-turn KL,
+    ``core_algos.kl_penalty_forward``): ``o − p`` clamped to ``±max_log_ratio``, the estimate to ``±max_value``.
+    ``None`` (TRL's default) leaves it unbounded.
+    """
     diff = other_logps - logps
-    return torch.exp(diff) - diff - 1
+    if clamp is not None:
+        diff = diff.clamp(-clamp[0], clamp[0])
+    kl = torch.exp(diff) - diff - 1
+    return kl if clamp is None else kl.clamp(-clamp[1], clamp[1])
 
 
 def aggregate_loss(
@@ -226,3 +234,38 @@ def rollout_correction_weights(
     else:
         raise ValueError(f"TIS/MIS mode must be 'truncate' or 'mask', got {mode!r}")
     return weights, hit
+
+
+ROLLOUT_MASK_LEVELS = ("token", "sequence", "geometric")
+
+
+def rollout_mask_weights(
+    old_logps: torch.Tensor,
+    rollout_logps: torch.Tensor,
+    mask: torch.Tensor,
+    level: str,
+    low: float,
+    high: float,
+    weighted: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ALP authors' rollout rejection mask (``rollout_is_mode="mask"``), ``(B, T)`` weights, detached.
+
+    Transcribes ``compute_rollout_importance_weights`` (multi-turn/verl/trainer/ppo/rollout_is.py of
+    amazon-science/adaptive-layerwise-perturbation) without its veto: the weight ``w = π_old / μ`` of the recomputed,
+    unperturbed old policy over the rollout engine, per token (``token``), as the product over the sequence
+    (``sequence``: masked sum of log-ratios) or its geometric mean (``geometric``), log clamped to ±20, is kept where
+    ``low <= w <= high`` (inclusive) and zeroed elsewhere; padding gets 0. ``weighted=True`` returns ``w`` itself on
+    kept entries, as the authors do (their ``pg_losses * rollout_is_weights``); ``weighted=False`` returns a plain
+    0/1 rejection mask. Returns ``(weights, rejected)``, ``rejected`` marking masked-out valid tokens.
+    """
+    log_ratio = (old_logps - rollout_logps).detach() * mask
+    if level == "sequence":
+        log_ratio = log_ratio.sum(-1, keepdim=True)
+    elif level == "geometric":
+        log_ratio = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    elif level != "token":
+        raise ValueError(f"rollout mask level must be one of {ROLLOUT_MASK_LEVELS}, got {level!r}")
+    weights = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).expand_as(mask)
+    keep = (weights >= low) & (weights <= high)
+    weights = torch.where(keep, weights if weighted else torch.ones_like(weights), 0.0) * mask
+    return weights.detach(), ~keep & mask.bool()

@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
-from .config import ALPConfig, alp_defaults
+from .config import KL_CLAMP, ALPConfig, alp_defaults
 from .loss import (
     aggregate_loss,
     alp_log_weights,
@@ -20,6 +20,7 @@ from .loss import (
     kl_weights,
     policy_loss,
     rollout_correction_weights,
+    rollout_mask_weights,
     sequence_log_ratio,
 )
 from .metrics import mismatch_stats, quantile_stats, weight_diagnostics
@@ -226,8 +227,8 @@ class ALPGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         # ALP and Bypass use the rollout log-probs as denominator, so TRL's no-grad "old" pass is not needed. TRL runs
         # it when generation and optimizer steps are misaligned (its vLLM IS correction, the other trigger, is off here
-        # for these corrections).
-        self._alp_skip_old_pass = not self.correction.uses_old_logps
+        # for these corrections). The rollout mask is computed on π_old/μ: then the old pass stays.
+        self._alp_skip_old_pass = not self.correction.uses_old_logps and self.args.alp_rollout_mask is None
         try:
             return super()._generate_and_score_completions(inputs)
         finally:
@@ -336,7 +337,7 @@ class ALPGRPOTrainer(GRPOTrainer):
             vespo_weights=vespo_weights,
         )
 
-        # Masks, rollout weight and KL, in TRL's order.
+        # Masks, rollout weight, rollout rejection mask and KL, in TRL's order.
         if self.off_policy_mask_threshold is not None:
             per_token_loss = per_token_loss * self.get_off_policy_mask(
                 advantages, per_token_logps, rollout_logps, mask, self.off_policy_mask_threshold
@@ -347,8 +348,12 @@ class ALPGRPOTrainer(GRPOTrainer):
             )
         if is_weights is not None and self.loss_type != "vespo":
             per_token_loss = per_token_loss * is_weights
+        if args.alp_rollout_mask is not None:  # on π_old/μ, after the clips (see `_alp_rollout_mask`)
+            per_token_loss = per_token_loss * self._alp_rollout_mask(mode, inputs, rollout_logps, mask)
         if self.beta != 0.0:
-            per_token_kl = k3_kl(per_token_logps, inputs["ref_per_token_logps"])
+            per_token_kl = k3_kl(
+                per_token_logps, inputs["ref_per_token_logps"], clamp=KL_CLAMP if args.alp_kl_clamp else None
+            )
             if args.use_bias_correction_kl:
                 per_token_kl = per_token_kl * kl_weights(per_token_logps, denominator, mask, level)
             per_token_loss = per_token_loss + self.beta * per_token_kl
@@ -406,6 +411,39 @@ class ALPGRPOTrainer(GRPOTrainer):
             torch.where(rollout_ok, rollout_logps, 0.0),
             torch.nan_to_num(entropies, nan=0.0, posinf=0.0, neginf=0.0),
         )
+
+    def _alp_rollout_mask(self, mode: str, inputs, rollout_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Weights of the rollout rejection mask (`loss.rollout_mask_weights`), logged under ``alp/rollout_mask/*``.
+
+        As in the ALP authors' code (multi-turn/verl/trainer/ppo/core_algos.py, ``compute_rollout_importance_weights(
+        old_log_prob=old_log_prob, rollout_log_prob=rollout_log_probs, ...)`` with ``old_log_probs`` recomputed by
+        ``actor_rollout_wg.compute_log_prob`` in eval mode, i.e. without noise) the mask is computed on π_old/μ, not on
+        the (perturbed) ratio being clipped, and multiplies the clipped policy loss, not the KL term. π_old is TRL's
+        recomputed old log-probs; when generation and optimizer steps are aligned TRL does not compute them because
+        the weights have not moved since sampling, so a no-grad forward of the current model (no noise: the hooks are
+        silent without grad) is π_old.
+        """
+        old_logps = inputs.get("old_per_token_logps")
+        if old_logps is None:
+            with torch.no_grad():
+                old_logps, _, _ = self._completion_logps(self.model, inputs)
+        args = self.args
+        weights, rejected = rollout_mask_weights(
+            old_logps,
+            rollout_logps,
+            mask,
+            args.alp_rollout_mask,
+            args.alp_rollout_mask_min,
+            args.alp_rollout_mask_max,
+            args.alp_rollout_mask_weighted,
+        )
+        metrics = self._metrics[mode]
+        metrics["alp/rollout_mask/masked_frac"].append(self._global_masked_mean(rejected, mask))
+        has_tokens = mask.amax(-1, keepdim=True)
+        metrics["alp/rollout_mask/seq_masked_frac"].append(
+            self._global_masked_mean(rejected.any(-1, keepdim=True), has_tokens)
+        )
+        return weights
 
     # ---------------------------------------------------------------------------------------------- metrics
     def _global_masked_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:

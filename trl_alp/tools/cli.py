@@ -56,6 +56,14 @@ class TrainScriptArguments:
         default_factory=lambda: ["correctness", "number_format"],
         metadata={"help": "Built-in rewards ('correctness', 'number_format') or 'package.module:function' paths."},
     )
+    tools: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Functions the model may call during generation ('package.module:function', e.g. "
+            "'trl_alp.tools.data:calculator'), run by TRL's multi-turn tool loop. With --model_name_or_path tiny the "
+            "tiny tokenizer gets a tool-calling chat template."
+        },
+    )
 
 
 def _parser(dataclass_types, prog: str):
@@ -87,6 +95,32 @@ def _load_reward(name: str):
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise CLIError(f"cannot import reward {name!r}: {_one_line(e)}") from e
+
+
+def _load_tool(name: str):
+    module, _, attr = name.partition(":")
+    if not attr:
+        raise CLIError(f"tool {name!r}: use 'package.module:function'")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise CLIError(f"cannot import tool {name!r}: {_one_line(e)}") from e
+
+
+def _given_fields(argv: list[str]) -> set[str]:
+    """Fields set on the command line or in the ``--config`` YAML: an ``alp_recipe`` preset must not override them."""
+    import yaml
+
+    names: set[str] = set()
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--"):
+            continue
+        name, _, value = arg[2:].partition("=")
+        if name == "config" and (value or i + 1 < len(argv)):
+            with open(value or argv[i + 1]) as f:
+                names |= set(yaml.safe_load(f) or {})
+        names |= {name, name.removeprefix("no_")}
+    return names
 
 
 def _load_dataset(script):
@@ -145,6 +179,11 @@ def train(argv: list[str]) -> None:
 
     parser = _parser((TrainScriptArguments, ALPConfig, ModelConfig), "trl-alp train")
     script, config, model_args = parser.parse_args_and_config(argv)
+    if config.alp_recipe is not None:  # the parser passed every field: let the preset fill those not given
+        from ..presets import rebuild_with_recipe
+
+        config = rebuild_with_recipe(config, _given_fields(argv))
+    tools = [_load_tool(name) for item in script.tools for name in item.split(",") if name]
     dataset = _load_dataset(script)
     rewards = [_load_reward(name) for name in script.reward_funcs]
     needed = {"prompt"} | ({"answer"} if any(r.__name__ == "correctness_reward" for r in rewards) else set())
@@ -154,7 +193,12 @@ def train(argv: list[str]) -> None:
             f"dataset {script.dataset_name!r} has columns {dataset.column_names} but needs {sorted(missing)} "
             "(use --dataset_format gsm8k for question/answer data)"
         )
-    model, tokenizer = _resolve_model(model_args.model_name_or_path)
+    if tools and model_args.model_name_or_path == "tiny":  # its tokenizer needs a tool-calling chat template
+        from .models import load_offline_model
+
+        model, tokenizer, _ = load_offline_model("tiny", tools=tuple(tools))
+    else:
+        model, tokenizer = _resolve_model(model_args.model_name_or_path)
     if isinstance(model, str):
         config.model_init_kwargs = {**(config.model_init_kwargs or {}), "dtype": model_args.dtype or "auto"}
     trainer = ALPGRPOTrainer(
@@ -164,6 +208,7 @@ def train(argv: list[str]) -> None:
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
+        tools=tools or None,
     )
     trainer.train()
     trainer.save_model(config.output_dir)

@@ -7,6 +7,8 @@ plain last-number check is the verifiable reward that fits these integer tasks.
 
 from __future__ import annotations
 
+import ast
+import operator
 import random
 import re
 
@@ -61,7 +63,8 @@ def gsm8k_to_prompts(dataset: Dataset) -> Dataset:
 
 
 def _text(completion) -> str:
-    return completion[-1]["content"] if isinstance(completion, list) else completion
+    # a tool-calling turn may end on a message without "content" (only tool_calls)
+    return (completion[-1].get("content") or "") if isinstance(completion, list) else completion
 
 
 def last_number(text: str) -> str | None:
@@ -84,3 +87,36 @@ def number_format_reward(completions, **kwargs) -> list[float]:
 
 
 REWARD_FUNCS = {"correctness": correctness_reward, "number_format": number_format_reward}
+
+
+_OPERATORS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.USub: operator.neg,
+    ast.UAdd: operator.pos,
+}
+
+
+def _evaluate(node: ast.AST) -> float:
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+        return _OPERATORS[type(node.op)](_evaluate(node.left), _evaluate(node.right))
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
+        return _OPERATORS[type(node.op)](_evaluate(node.operand))
+    raise ValueError(f"unsupported expression element {ast.dump(node)}")
+
+
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression of numbers, + - * / and parentheses.
+
+    Args:
+        expression: The expression to evaluate, e.g. "3 * (4 + 5)".
+
+    Returns:
+        The value, as an integer when it is whole.
+    """
+    value = _evaluate(ast.parse(expression, mode="eval").body)
+    return str(int(value)) if float(value).is_integer() else str(value)

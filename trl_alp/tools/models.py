@@ -49,18 +49,22 @@ def smollm2_path() -> str:
     return target
 
 
-def load_offline_model(name: str, seed: int = 0):
+def load_offline_model(name: str, seed: int = 0, tools: tuple = ()):
     """``(model, tokenizer, lora_config)`` for the demo and the benchmark.
 
-    ``"tiny"``: a 4-layer in-code Qwen2 model, fully fine-tuned (no LoRA). ``"smollm2"``: SmolLM2-135M-Instruct with
-    LoRA r=16 on every linear layer. Anything else is a local model folder, with the same LoRA.
+    ``"tiny"``: a 4-layer in-code Qwen2 model, fully fine-tuned (no LoRA); with `tools`, its tokenizer has a
+    tool-calling chat template and the model a 1024-token context. ``"smollm2"``: SmolLM2-135M-Instruct with LoRA
+    r=16 on every linear layer. Anything else is a local model folder, with the same LoRA.
     """
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name == "tiny":
-        from .tiny import build_tiny_model, build_tokenizer
+        from .tiny import build_tiny_model, build_tokenizer, build_tool_tokenizer
 
+        if tools:
+            tokenizer = build_tool_tokenizer(tools)
+            return build_tiny_model(tokenizer, num_layers=4, seed=seed, max_position_embeddings=1024), tokenizer, None
         tokenizer = build_tokenizer()
         return build_tiny_model(tokenizer, num_layers=4, seed=seed), tokenizer, None
     path = smollm2_path() if name == "smollm2" else name

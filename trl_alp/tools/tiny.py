@@ -21,8 +21,10 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Train a small byte-level BPE tokenizer with a ChatML chat template."""
+def build_tokenizer(
+    vocab_size: int = 512, extra_texts: tuple[str, ...] = (), chat_template: str = CHATML_TEMPLATE
+) -> PreTrainedTokenizerFast:
+    """Train a small byte-level BPE tokenizer (on a built-in corpus plus `extra_texts`) with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -33,12 +35,37 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     texts = [t.format(a=a, b=b, c=a + b) for t in _CORPUS for a in range(12) for b in range(12)]
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(texts + list(extra_texts), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
     )
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def build_tool_tokenizer(tools: tuple = (), vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """The tiny tokenizer with TRL's Qwen2.5 chat template, for tool calling.
+
+    That template renders tool schemas and ``<tool_call>{json}</tool_call>`` blocks, and TRL recognises it and sets the
+    matching response parser itself. The BPE is also trained on the rendered tool prompts and calls of `tools`
+    (default: the offline ``calculator``), so a prompt with its tool schema stays a few hundred tokens long.
+    """
+    from trl.chat_template_utils import qwen2_5_chat_template
+
+    from .data import calculator
+
+    tools = tools or (calculator,)
+    renderer = build_tokenizer(chat_template=qwen2_5_chat_template)
+    texts = []
+    for a in range(12):
+        messages = [{"role": "user", "content": f"What is {a} times {a + 3}?"}]
+        call = {"name": tools[0].__name__, "arguments": {"expression": f"{a} * {a + 3}"}}
+        messages += [
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]},
+            {"role": "tool", "name": tools[0].__name__, "content": str(a * (a + 3))},
+        ]
+        texts.append(renderer.apply_chat_template(messages, tools=list(tools), tokenize=False))
+    return build_tokenizer(vocab_size, extra_texts=tuple(texts), chat_template=qwen2_5_chat_template)
 
 
 TINY_CONFIGS = {
@@ -70,6 +97,7 @@ def build_tiny_model(
     num_layers: int = 2,
     hidden_size: int = 64,
     seed: int = 0,
+    max_position_embeddings: int = 256,
 ) -> PreTrainedModel:
     """A randomly initialised causal LM of `model_type` with `num_layers` decoder layers (fp32, CPU)."""
     if model_type not in TINY_CONFIGS:
@@ -78,9 +106,11 @@ def build_tiny_model(
     model_type = kwargs.pop("model_type")
     vocab_size = len(tokenizer) if tokenizer is not None else 512
     if model_type == "gpt2":
-        kwargs.update(n_layer=num_layers, n_embd=hidden_size)
+        kwargs.update(n_layer=num_layers, n_embd=hidden_size, n_positions=max_position_embeddings)
     else:
-        kwargs.update(num_hidden_layers=num_layers, hidden_size=hidden_size, max_position_embeddings=256)
+        kwargs.update(
+            num_hidden_layers=num_layers, hidden_size=hidden_size, max_position_embeddings=max_position_embeddings
+        )
     if tokenizer is not None:
         ids = tokenizer.pad_token_id, tokenizer.eos_token_id
         kwargs.update(pad_token_id=ids[0], eos_token_id=ids[1], bos_token_id=ids[1])
