@@ -205,12 +205,12 @@ def _log_estimate(args: DemoArguments, load_seconds: float, runs_left: int, seco
     steps_left = args.max_steps - steps_done + runs_left * args.max_steps
     seconds = estimate_remaining_seconds(seconds_per_step, steps_left, load_seconds, runs_left)
     logger.info(
-        "trl-alp demo: measured %.3g s/step over the first %d steps and %.3g s per model load; estimated %.1f min "
-        "for the remaining %d steps and %d loads.",
+        "trl-alp demo: measured %.3g s/step over the first %d steps and %.3g s per model load; estimated %s for the "
+        "remaining %d steps and %d loads.",
         seconds_per_step,
         steps_done,
         load_seconds,
-        seconds / 60,
+        f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min",
         steps_left,
         runs_left,
     )

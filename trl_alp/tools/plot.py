@@ -69,16 +69,17 @@ def load_envelopes(
 
 
 def _why_empty(run_dir: str, level: str) -> str:
-    """Why a run has no `alp/ratio/{level}/*` values, from the run's own trainer_state.json."""
-    with open(_state_path(run_dir)) as f:
+    """Why a run has no `alp/ratio/{level}/*` values, from the trainer_state.json it was read from."""
+    path = _state_path(run_dir)
+    with open(path) as f:
         state = json.load(f)
     steps, every = state.get("global_step", 0), state.get("logging_steps")
     if every and steps < every:
         return (
-            f"{run_dir} ran {steps} steps but logs metrics every {every} (logging_steps), so no "
-            f"alp/ratio/{level}/* value was logged: rerun with --logging_steps 1"
+            f"{path} records {steps} steps but metrics are logged every {every} steps (logging_steps), so none was "
+            "logged: train with --logging_steps 1"
         )
-    return f"{run_dir} logged no alp/ratio/{level}/* values (was it trained with ALPGRPOTrainer?)"
+    return f"{path} holds no alp/ratio/{level}/* values (was the run trained with ALPGRPOTrainer?)"
 
 
 def plot_envelopes(
