@@ -9,7 +9,7 @@ import pytest
 from trl_alp.tools.cli import main
 from trl_alp.tools.demo import estimate_remaining_seconds
 
-STEPS = 3
+STEPS = 2
 CORRECTIONS = ["grpo", "seq-bypass", "seq-alp"]
 
 
