@@ -100,7 +100,7 @@ def _run_config(args: DemoArguments, correction: str, output_dir: str):
         report_to="none",
         bf16=False,
         use_cpu=True,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # transformers 5 name: gradient_checkpointing is deprecated
         seed=args.seed,
         alp_rollout_dtype=args.rollout_dtype,
         disable_tqdm=False,
