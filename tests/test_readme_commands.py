@@ -1,8 +1,8 @@
 """Every `trl-alp` command printed in README.md and in the recipes' header comments runs, in a quick variant.
 
 The commands run in order, in one scratch folder (the `plot` example reads the run folder the first `train` example
-wrote). Quick variants: `train` stops after at most 4 steps (2 when the command sets none) of 4 completions of ≤ 8
-tokens for each of 1 prompt; `demo` runs the tiny model for 1 step of `seq-alp` (the SmolLM2 demo is the same code on another model; its loader is tested in test_models.py); `bench`
+wrote). Quick variants: `train` stops after at most 2 steps (4 when it saves checkpoints, so a resume example has one
+to resume from) of 4 completions of ≤ 8 tokens for 1 prompt; `demo` runs the tiny model for 1 step of `seq-alp` (the SmolLM2 demo is the same code on another model; its loader is tested in test_models.py); `bench`
 measures 1 cycle, no warm-up, 1 repeat. Commands that need the Hugging Face Hub (for model or data) are only parsed
 and validated (recipe, every field, rewards), with `--bf16 false --use_cpu true` for this CPU machine, and their test
 id says so.
@@ -65,8 +65,8 @@ def _needs_hub(argv: list[str]) -> bool:
 def _quick(argv: list[str]) -> list[str]:
     command = argv[0] if argv else None  # `trl-alp` alone prints the usage
     if command == "train" and not _needs_hub(argv):
-        given = cli._value(argv, "max_steps")
-        argv = _set(argv, "max_steps", str(min(int(given), 4)) if given else "2")
+        given, saves = cli._value(argv, "max_steps"), cli._value(argv, "save_steps")
+        argv = _set(argv, "max_steps", str(min(int(given), 4 if saves else 2)) if given else "2")
         for flag, value in (("per_device_train_batch_size", "4"), ("num_generations", "4")):
             argv = _set(argv, flag, value)
         return _set(argv, "max_completion_length", "8")

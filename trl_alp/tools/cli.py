@@ -102,18 +102,21 @@ def _one_line(error: BaseException) -> str:
 
 
 def _given(argv: Sequence[str]) -> set[str]:
-    """Names of the ``--flags`` present on a command line."""
-    return {token[2:].split("=", 1)[0] for token in argv if token.startswith("--")}
+    """Names of the ``--flags`` present on a command line (``--a-b`` is ``a_b``, as in TRL's parser)."""
+    return {token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
 
 
 def _value(argv: Sequence[str], name: str) -> str | None:
     """The value of ``--name value`` or ``--name=value`` on a command line (the last one wins, as in argparse)."""
     found = None
     for i, token in enumerate(argv):
-        if token == f"--{name}" and i + 1 < len(argv):
+        flag, _, inline = token.partition("=")
+        if not flag.startswith("--") or flag[2:].replace("-", "_") != name:
+            continue
+        if inline:
+            found = inline
+        elif i + 1 < len(argv):
             found = argv[i + 1]
-        elif token.startswith(f"--{name}="):
-            found = token.split("=", 1)[1]
     return found
 
 
