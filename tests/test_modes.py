@@ -1,4 +1,4 @@
-"""Each correction mode and ablation shows its defining behaviour on a tiny model; mismatch tools; envelope plots."""
+"""Each correction mode and ablation shows its defining behaviour on a tiny model; mismatch tools."""
 
 import math
 
@@ -10,7 +10,6 @@ import trl_alp.perturbation as perturbation_module
 from trl_alp import CORRECTIONS
 from trl_alp.perturbation import LayerPerturbation, add_seeded_noise, find_decoder_layers
 from trl_alp.rollout import fake_quantize, quantized_weights, rollout_engine
-from trl_alp.tools.plot import envelope_data, load_log_history, plot_envelopes
 from trl_alp.tools.tiny import build_tiny_model
 
 
@@ -145,27 +144,6 @@ def test_induced_mismatch_reaches_the_ratio(make_trainer, engine):
     trainer.train()
     assert last_logged(trainer, "alp/mismatch/abs_logp_diff") > 1e-4
     assert abs(last_logged(trainer, "alp/ratio/seq/max") - 1) > 1e-4
-
-
-def test_envelope_plot_writes_png_of_the_logged_values(make_trainer, tmp_path):
-    runs = []
-    for name, correction in (("alp", "seq-alp"), ("bypass", "seq-bypass")):
-        trainer = make_trainer(max_steps=3, correction=correction, output_dir=str(tmp_path / name))
-        trainer.train()
-        trainer.save_state()
-        runs.append(str(tmp_path / name))
-    out = tmp_path / "plots" / "envelopes.png"
-    plotted = plot_envelopes(runs, str(out))
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
-    history = load_log_history(runs[0])
-    expected = [h["alp/ratio/seq/q98"] for h in history if "alp/ratio/seq/q98" in h]
-    assert plotted["alp"]["q98"][1] == expected and plotted["alp"]["q98"][0] == [1, 2, 3]
-    assert envelope_data(history)["reward"][1] == [h["reward"] for h in history if "reward" in h]
-
-
-def test_plot_reports_missing_runs(tmp_path):
-    with pytest.raises(FileNotFoundError, match="trainer_state.json"):
-        load_log_history(str(tmp_path))
 
 
 @pytest.mark.parametrize("correction", ["seq-alp", "grpo"])

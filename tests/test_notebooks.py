@@ -38,13 +38,17 @@ def _outputs(nb, output_type: str, mime: str) -> list[str]:
     ]
 
 
-def _stdout(nb) -> str:
+def _stream(nb, name: str = "stdout") -> str:
     return "".join(
         out.text
         for cell in _code_cells(nb)
         for out in cell.outputs
-        if out.output_type == "stream" and out.name == "stdout"
+        if out.output_type == "stream" and out.name == name
     )
+
+
+def _stdout(nb) -> str:
+    return _stream(nb, "stdout")
 
 
 def _log_history(run_dir: Path) -> list[dict]:
@@ -70,13 +74,29 @@ def test_committed_notebook_is_clean(name):
     first = _code_cells(nb)[0].source
     assert "TRL_ALP_NOTEBOOK_SMOKE" in first and "TRL_ALP_NOTEBOOK_OUT" in first
     install = [c.source for c in _code_cells(nb) if "%pip install" in c.source]
-    assert install and all("if not SMOKE:" in source for source in install), "the install cell must be smoke-guarded"
+    assert len(install) == 1 and install[0].count("%pip install") == 2, "one install cell: checkout or REPO_URL"
+    assert "if SMOKE:" in install[0], "the install cell must be smoke-guarded"
+    assert "<org>" not in json.dumps(nb), "a placeholder the user must edit"
 
 
 def _execute(name: str, tmp_path: Path, monkeypatch) -> tuple[object, Path]:
     out = tmp_path / "out"
+    _environment(monkeypatch, smoke="1", out=out)
+    nb = _read(name)
+    client = nbclient.NotebookClient(
+        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
+    assert all(cell.execution_count is not None for cell in _code_cells(nb)), "a code cell did not run"
+    # the configs use activation_checkpointing: transformers 5 warns about the old `gradient_checkpointing` argument
+    # (TRL 1.16's own generation helper still calls `is_gradient_checkpointing`; that notice is TRL's, not ours)
+    assert "`gradient_checkpointing` is deprecated" not in _stream(nb, "stderr")
+    return nb, out
+
+
+def _environment(monkeypatch, smoke: str, out: Path) -> None:
     for key, value in {
-        "TRL_ALP_NOTEBOOK_SMOKE": "1",
+        "TRL_ALP_NOTEBOOK_SMOKE": smoke,
         "TRL_ALP_NOTEBOOK_OUT": str(out),
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
@@ -84,13 +104,6 @@ def _execute(name: str, tmp_path: Path, monkeypatch) -> tuple[object, Path]:
         "TOKENIZERS_PARALLELISM": "false",
     }.items():
         monkeypatch.setenv(key, value)  # the kernel process inherits the environment
-    nb = _read(name)
-    client = nbclient.NotebookClient(
-        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    )
-    client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
-    assert all(cell.execution_count is not None for cell in _code_cells(nb)), "a code cell did not run"
-    return nb, out
 
 
 def _check_quickstart(nb, out: Path) -> None:
@@ -132,6 +145,7 @@ def _check_mismatch(nb, out: Path) -> None:
     for correction in corrections:
         assert f"| {correction} |" in tables[-1]
     assert (report / "results.md").read_text().strip() == tables[-1].strip()
+    assert "rollouts in bfloat16 - training in fp32" in _stdout(nb)  # on a CPU: bf16 autocast
 
 
 CHECKS = {QUICKSTART: _check_quickstart, MISMATCH: _check_mismatch}
@@ -142,3 +156,79 @@ def test_notebook_runs_in_smoke_mode(name, tmp_path, monkeypatch):
     """Every cell runs offline on CPU, and the run folders, plots, tables and adapter it promises are on disk."""
     nb, out = _execute(name, tmp_path, monkeypatch)
     CHECKS[name](nb, out)
+
+
+def _run_cells(cells: list[str], cwd: Path):
+    """Execute code cells in a fresh kernel started in `cwd`; errors are kept as outputs, not raised."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in cells])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=CELL_TIMEOUT_S,
+        kernel_name="python3",
+        allow_errors=True,
+        resources={"metadata": {"path": str(cwd)}},
+    )
+    client.execute()
+    return nb.cells
+
+
+# Replaces IPython's %pip magic: prints what would be installed instead of installing it.
+FAKE_PIP = """get_ipython().register_magic_function(lambda line: print("PIP", line), "line", "pip")"""
+
+
+def _source(nb, startswith: str) -> str:
+    (source,) = [c.source for c in _code_cells(nb) if c.source.startswith(startswith)]
+    return source
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_install_cell_installs_the_checkout_or_asks_for_repo_url(name, tmp_path, monkeypatch):
+    """Outside smoke mode, with %pip recorded instead of run: from the checkout's notebooks/ folder the cell installs
+    that checkout; elsewhere it installs REPO_URL, and stops with a one-line instruction while REPO_URL is empty."""
+    _environment(monkeypatch, smoke="0", out=tmp_path / "out")
+    nb = _read(name)
+    parameters, install = _code_cells(nb)[0].source, _source(nb, "from pathlib import Path")
+    elsewhere = tmp_path / "colab"
+    elsewhere.mkdir()
+    cells = _run_cells(
+        [
+            FAKE_PIP,
+            parameters,
+            install,  # the kernel starts in the checkout's notebooks/ folder
+            f"os.chdir({str(elsewhere)!r}); REPO_URL = 'https://example.org/trl-alp.git'",
+            install,
+            "REPO_URL = ''",
+            install,
+        ],
+        cwd=NOTEBOOK_DIR,
+    )
+    root = NOTEBOOK_DIR.parent
+    assert cells[2].outputs[0]["text"] == f'PIP install -q -e "{root}[plot]"\n'
+    assert cells[4].outputs[0]["text"] == 'PIP install -q "trl-alp[plot] @ git+https://example.org/trl-alp.git"\n'
+    (error,) = [out for out in cells[6].outputs if out.output_type == "error"]
+    assert (error.ename, error.evalue) == (
+        "SystemExit",
+        "Set REPO_URL in the parameters cell to the trl-alp git repository, then run all cells again.",
+    )
+
+
+@pytest.mark.parametrize(
+    ("cuda", "native_bf16", "expected"),
+    [(True, False, "float16"), (True, True, "bfloat16"), (False, False, "bfloat16")],
+    ids=["T4: fp16", "A100: bf16", "CPU: bf16 autocast"],
+)
+def test_mismatch_rollout_dtype_follows_the_runtime(cuda, native_bf16, expected, tmp_path, monkeypatch):
+    """ROLLOUT_DTYPE=None picks what the runtime computes in natively: a T4 emulates bf16 (torch's default
+    `is_bf16_supported()` says True there) but only has fp16."""
+    _environment(monkeypatch, smoke="1", out=tmp_path / "out")
+    nb = _read(MISMATCH)
+    fake_cuda = (
+        "import torch\n"
+        f"torch.cuda.is_available = lambda: {cuda}\n"
+        f"torch.cuda.is_bf16_supported = lambda including_emulation=True: {native_bf16} or including_emulation"
+    )
+    cells = _run_cells([_code_cells(nb)[0].source, fake_cuda, _source(nb, "import gc")], cwd=tmp_path)
+    assert not [out for cell in cells for out in cell.outputs if out.output_type == "error"]
+    stdout = "".join(out.text for out in cells[2].outputs if out.output_type == "stream" and out.name == "stdout")
+    assert stdout == f"rollouts in {expected} - training in fp32\n"

@@ -143,7 +143,13 @@ def parse_layer_spec(spec: str | Sequence[int] | None, num_layers: int) -> list[
     indices = sorted({i for lo, hi in parsed for i in range(lo, hi + 1)})
     bad = [i for i in indices if not 0 <= i < num_layers]
     if bad:
-        raise ValueError(f"alp_layers={spec!r} selects layers {bad}, but the model has layers 0..{num_layers - 1}.")
+        shown = bad if len(bad) <= 6 else f"[{bad[0]}, {bad[1]}, ..., {bad[-1]}] ({len(bad)} layers)"
+        given = repr(spec)
+        if len(given) > 40:  # a long spec is shown by its ends
+            given = (
+                f"{given[:20]} ... {given[-12:]} ({len(spec)} {'characters' if isinstance(spec, str) else 'items'})"
+            )
+        raise ValueError(f"alp_layers={given} selects layers {shown}, but the model has layers 0..{num_layers - 1}.")
     return indices
 
 

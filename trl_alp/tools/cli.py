@@ -1,33 +1,51 @@
 """``trl-alp`` command line (also ``python -m trl_alp``): ``train``, ``demo``, ``plot`` and ``bench``.
 
-``train`` is built on TRL's `TrlParser`, so flags and ``--config recipe.yaml`` work like ``trl grpo``.
-Bad input ends with one line on stderr and exit status 2, not a traceback.
+``train`` is built on TRL's `TrlParser` and follows TRL's ``trl grpo`` script: flags and ``--config recipe.yaml``,
+rewards by name or import path, ``--resume_from_checkpoint``. Each command first parses, validates and sets up
+everything it can before any work starts; a problem found there ends with one line on stderr and exit status 2,
+and leaves no output folder behind. What fails afterwards (training, the user's reward functions) keeps its
+traceback (exit status 1).
+
+Module imports stay light (no torch, transformers or TRL trainers), so ``--help`` and usage errors answer fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import logging
 import os
+import shutil
 import sys
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
 
 USAGE = """usage: trl-alp {train,demo,plot,bench} [options]
 
-  train   train with ALPGRPOTrainer: trl-alp train --config recipe.yaml [--flag value ...]
+  train   train with ALPGRPOTrainer: trl-alp train --config RECIPE [--flag value ...]
   demo    GRPO vs Bypass vs ALP on an embedded default (offline): trl-alp demo [--model tiny]
   plot    ratio-envelope PNG from run folders: trl-alp plot RUN_DIR [RUN_DIR ...] --output envelopes.png
   bench   ALPGRPOTrainer vs GRPOTrainer step time (and peak memory on CUDA): trl-alp bench [--model smollm2]
 
 Run `trl-alp COMMAND --help` for the options of a command."""
 
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 MODEL_ALIASES = ("smollm2", "tiny")
+# Defaults that replace TRL's for an offline model alias, unless given on the command line or in the recipe.
+ALIAS_DEFAULTS = {"tiny": {"max_completion_length": 16}}  # the tiny model has 256 positions; TRL's default is 512
+# TRL's `trl grpo` reward registry (same names, same settings); ours are in `trl_alp.tools.data.REWARD_FUNCS`.
+TRL_REWARDS = ("accuracy_reward", "reasoning_accuracy_reward", "think_format_reward", "get_soft_overlong_punishment")
+# Keyword arguments GRPOTrainer passes to every reward function itself (the others come from dataset columns).
+TRL_REWARD_KWARGS = {"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric"}
+PROMPT_SAMPLE = 1000  # rows whose prompt length is measured against the model's positions
 
 
 class CLIError(Exception):
-    """A user error on the command line: reported in one line."""
+    """A user error found before any work starts: reported in one line, exit status 2."""
 
 
 @dataclass
@@ -54,7 +72,11 @@ class TrainScriptArguments:
     num_prompts: int = field(default=256, metadata={"help": "Rows of the 'arithmetic' dataset."})
     reward_funcs: list[str] = field(
         default_factory=lambda: ["correctness", "number_format"],
-        metadata={"help": "Built-in rewards ('correctness', 'number_format') or 'package.module:function' paths."},
+        metadata={
+            "help": "Reward functions: ours ('correctness', 'number_format'), TRL's ('accuracy_reward', "
+            "'reasoning_accuracy_reward', 'think_format_reward', 'get_soft_overlong_punishment'), or an import path "
+            "'my_module.my_reward' (TRL's form) or 'my_module:my_reward'; the current folder is importable."
+        },
     )
     tools: list[str] = field(
         default_factory=list,
@@ -66,63 +88,146 @@ class TrainScriptArguments:
     )
 
 
+# ------------------------------------------------------------------------------------------------ parsing helpers
 def _parser(dataclass_types, prog: str):
     """A `TrlParser` whose usage errors raise `CLIError` (one line) instead of printing the whole usage."""
     from trl import TrlParser
 
     parser = TrlParser(dataclass_types, prog=prog)
+    parser.error = _raise_usage_error(prog)
+    return parser
 
+
+def _raise_usage_error(prog: str):
     def error(message):
         raise CLIError(f"{message} (see `{prog} --help`)")
 
-    parser.error = error
-    return parser
+    return error
 
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _load_reward(name: str):
+def _given(argv: Sequence[str]) -> set[str]:
+    """Names of the ``--flags`` present on a command line (``--a-b`` is ``a_b``, as in TRL's parser)."""
+    return {token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
+
+
+def _value(argv: Sequence[str], name: str) -> str | None:
+    """The value of ``--name value`` or ``--name=value`` on a command line (the last one wins, as in argparse)."""
+    found = None
+    for i, token in enumerate(argv):
+        flag, _, inline = token.partition("=")
+        if not flag.startswith("--") or flag[2:].replace("-", "_") != name:
+            continue
+        if inline:
+            found = inline
+        elif i + 1 < len(argv):
+            found = argv[i + 1]
+    return found
+
+
+def resolve_recipe(path: str) -> str:
+    """A ``--config`` value as a file: the path itself, or a shipped recipe by name (``tiny_arithmetic``,
+    ``tiny_arithmetic.yaml``) or by its package path (``trl_alp/recipes/tiny_arithmetic.yaml``) from any folder."""
+    if os.path.isfile(path):
+        return path
+    folder, name = os.path.split(os.path.normpath(path))
+    if folder in ("", os.path.join("trl_alp", "recipes")):
+        shipped = RECIPES_DIR / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+        if shipped.is_file():
+            return str(shipped)
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    raise CLIError(f"--config {path!r}: no such file, and no shipped recipe of that name (shipped: {names})")
+
+
+def _with_recipe(argv: list[str]) -> tuple[list[str], dict]:
+    """Resolve ``--config`` (also ``--config=PATH``) to a file; return the command line and the recipe's mapping."""
+    import yaml
+
+    path = _value(argv, "config")
+    if path is None:
+        return argv, {}
+    resolved = resolve_recipe(path)
+    rest, tokens = [], iter(argv)
+    for token in tokens:  # drop every --config (TrlParser reads the resolved one put first below)
+        if token == "--config":
+            next(tokens, None)
+        elif not token.startswith("--config="):
+            rest.append(token)
+    with open(resolved) as f:
+        recipe = yaml.safe_load(f)
+    if not isinstance(recipe, dict):
+        raise CLIError(f"--config {path!r}: {resolved} is not a YAML mapping of flags to values")
+    return ["--config", resolved, *rest], recipe
+
+
+# ------------------------------------------------------------------------------------------------ rewards
+def load_reward(name: str) -> Callable:
+    """A reward function by name, like TRL's ``trl grpo``: a built-in name or an import path.
+
+    Import paths are TRL's dotted form ``package.module.function`` or ``package.module:function``; the current
+    folder is put on ``sys.path`` first (as TRL does), so ``my_rewards.length_reward`` finds ``./my_rewards.py``.
+    """
     from .data import REWARD_FUNCS
 
     if name in REWARD_FUNCS:
         return REWARD_FUNCS[name]
-    if ":" not in name:
-        raise CLIError(f"unknown reward {name!r}: use one of {sorted(REWARD_FUNCS)} or 'package.module:function'")
-    module, attr = name.split(":", 1)
+    if name in TRL_REWARDS:
+        import trl.rewards
+
+        reward = getattr(trl.rewards, name)
+        # TRL's script builds this one with these values; pass your own through a module of yours to change them.
+        return reward(max_completion_len=1280, soft_punish_cache=256) if name == TRL_REWARDS[-1] else reward
+    if ":" in name:
+        module_name, attr = name.split(":", 1)
+    elif "." in name:
+        module_name, attr = name.rsplit(".", 1)
+    else:
+        raise CLIError(
+            f"unknown reward {name!r}: use one of {[*REWARD_FUNCS, *TRL_REWARDS]} or an import path "
+            "'my_module.my_reward' / 'my_module:my_reward'"
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise CLIError(f"cannot import reward {name!r}: {_one_line(e)}") from e
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is None or not (module_name == error.name or module_name.startswith(error.name + ".")):
+            raise  # the reward's own module imports something missing: its traceback says what
+        raise CLIError(
+            f"reward {name!r}: no module named {error.name!r} in the current folder ({os.getcwd()}) or on sys.path"
+        ) from error
+    reward = getattr(module, attr, None)
+    if not callable(reward):
+        raise CLIError(f"reward {name!r}: module {module_name!r} has no function {attr!r}")
+    return reward
 
 
-def _load_tool(name: str):
+def _load_tool(name: str) -> Callable:
     module, _, attr = name.partition(":")
     if not attr:
         raise CLIError(f"tool {name!r}: use 'package.module:function'")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise CLIError(f"cannot import tool {name!r}: {_one_line(e)}") from e
 
 
-def _given_fields(argv: list[str]) -> set[str]:
-    """Fields set on the command line or in the ``--config`` YAML: an ``alp_recipe`` preset must not override them."""
-    import yaml
-
-    names: set[str] = set()
-    for i, arg in enumerate(argv):
-        if not arg.startswith("--"):
-            continue
-        name, _, value = arg[2:].partition("=")
-        if name == "config" and (value or i + 1 < len(argv)):
-            with open(value or argv[i + 1]) as f:
-                names |= set(yaml.safe_load(f) or {})
-        names |= {name, name.removeprefix("no_")}
-    return names
+def required_columns(reward: Callable) -> set[str]:
+    """Dataset columns a reward function needs: its parameters without a default that GRPOTrainer does not pass."""
+    try:
+        parameters = inspect.signature(reward).parameters.values()
+    except (TypeError, ValueError):  # builtins and some callables have no signature
+        return set()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name for p in parameters if p.kind in kinds and p.default is p.empty} - TRL_REWARD_KWARGS
 
 
+# ------------------------------------------------------------------------------------------------ data and model
 def _load_dataset(script):
     from datasets import load_dataset, load_from_disk
 
@@ -133,7 +238,10 @@ def _load_dataset(script):
         return arithmetic_dataset(script.num_prompts)
     if os.path.isdir(name):
         dataset = load_from_disk(name)
-        dataset = dataset[script.dataset_train_split] if hasattr(dataset, "keys") else dataset
+        if hasattr(dataset, "keys"):
+            if script.dataset_train_split not in dataset:
+                raise CLIError(f"dataset {name!r} has splits {list(dataset)}, not {script.dataset_train_split!r}")
+            dataset = dataset[script.dataset_train_split]
     elif os.path.isfile(name):
         extension = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(name.rsplit(".", 1)[-1])
         if extension is None:
@@ -151,6 +259,17 @@ def _load_dataset(script):
             )
         dataset = gsm8k_to_prompts(dataset)
     return dataset
+
+
+def _check_columns(dataset, rewards, script) -> None:
+    needed = {"prompt"}.union(*(required_columns(r) for r in rewards))
+    missing = needed - set(dataset.column_names)
+    if missing:
+        raise CLIError(
+            f"dataset {script.dataset_name!r} has columns {dataset.column_names} but needs {sorted(missing)} "
+            "('prompt' to generate from, the others for the rewards' arguments; use --dataset_format gsm8k for "
+            "question/answer data)"
+        )
 
 
 def _resolve_model(name: str | None):
@@ -171,28 +290,96 @@ def _resolve_model(name: str | None):
     return name, None
 
 
-def train(argv: list[str]) -> None:
-    from trl import ModelConfig, get_peft_config
+def _check_positions(trainer, dataset) -> None:
+    """Prompt + completion must fit the model's positions (the tiny model has 256; TRL's default completion: 512)."""
+    config = trainer.model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not positions:
+        return
+    completion = trainer.args.max_completion_length
+    tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+    prompts = dataset.select(range(min(len(dataset), PROMPT_SAMPLE)))["prompt"]
+    texts = [
+        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
+        for p in prompts
+    ]
+    longest = max((len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]), default=0)
+    if longest + completion > positions:
+        raise CLIError(
+            f"max_completion_length={completion} plus the longest prompt ({longest} tokens, first {len(texts)} rows) "
+            f"exceeds the model's {positions} positions: use --max_completion_length {max(positions - longest, 1)} "
+            "or less"
+        )
+
+
+def _resume_path(config) -> str | None:
+    """``--resume_from_checkpoint``: a checkpoint folder, or ``true`` for the newest one in ``output_dir``."""
+    value = config.resume_from_checkpoint
+    if value is None or str(value).lower() == "false":
+        return None
+    if str(value).lower() == "true":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        latest = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
+        if latest is None:
+            raise CLIError(
+                f"--resume_from_checkpoint true: no checkpoint-* folder in output_dir {config.output_dir!r}"
+            )
+        return latest
+    if not os.path.isdir(value):
+        raise CLIError(f"--resume_from_checkpoint {value!r}: no such checkpoint folder")
+    return value
+
+
+def _remove_if_empty(path: str) -> None:
+    """Remove a folder tree that holds no file (made by a trainer whose setup then failed)."""
+    if os.path.isdir(path) and not any(files for _, _, files in os.walk(path)):
+        shutil.rmtree(path)
+
+
+# ------------------------------------------------------------------------------------------------ commands
+class TrainSetup(NamedTuple):
+    """A parsed and validated ``train`` command line: nothing loaded, nothing written yet."""
+
+    script: TrainScriptArguments
+    config: object  # ALPConfig
+    model_args: object  # trl.ModelConfig
+    rewards: list[Callable]
+    tools: list[Callable]
+    resume: str | None
+
+
+def parse_train_args(argv: list[str]) -> TrainSetup:
+    """Parse a ``train`` command line like ``trl grpo`` does (recipe, flags, TRL's dataclasses) and check what needs
+    neither data nor model: the recipe, every field, the offline aliases' defaults, the resume path, the rewards."""
+    from trl import ModelConfig
 
     from ..config import ALPConfig
-    from ..trainer import ALPGRPOTrainer
 
+    argv, recipe = _with_recipe(argv)
     parser = _parser((TrainScriptArguments, ALPConfig, ModelConfig), "trl-alp train")
+    alias = _value(argv, "model_name_or_path") or recipe.get("model_name_or_path")
+    given = _given(argv) | set(recipe)
+    parser.set_defaults(**{k: v for k, v in ALIAS_DEFAULTS.get(alias, {}).items() if k not in given})
     script, config, model_args = parser.parse_args_and_config(argv)
     if config.alp_recipe is not None:  # the parser passed every field: let the preset fill those not given
         from ..presets import rebuild_with_recipe
 
-        config = rebuild_with_recipe(config, _given_fields(argv))
+        config = rebuild_with_recipe(config, given)
+    resume = _resume_path(config)
+    rewards = [load_reward(name) for name in script.reward_funcs]
     tools = [_load_tool(name) for item in script.tools for name in item.split(",") if name]
+    return TrainSetup(script, config, model_args, rewards, tools, resume)
+
+
+def train(argv: list[str]) -> Callable[[], None]:
+    from trl import get_peft_config
+
+    from ..trainer import ALPGRPOTrainer
+
+    script, config, model_args, rewards, tools, resume = parse_train_args(argv)
     dataset = _load_dataset(script)
-    rewards = [_load_reward(name) for name in script.reward_funcs]
-    needed = {"prompt"} | ({"answer"} if any(r.__name__ == "correctness_reward" for r in rewards) else set())
-    missing = needed - set(dataset.column_names)
-    if missing:
-        raise CLIError(
-            f"dataset {script.dataset_name!r} has columns {dataset.column_names} but needs {sorted(missing)} "
-            "(use --dataset_format gsm8k for question/answer data)"
-        )
+    _check_columns(dataset, rewards, script)
     if tools and model_args.model_name_or_path == "tiny":  # its tokenizer needs a tool-calling chat template
         from .models import load_offline_model
 
@@ -201,45 +388,76 @@ def train(argv: list[str]) -> None:
         model, tokenizer = _resolve_model(model_args.model_name_or_path)
     if isinstance(model, str):
         config.model_init_kwargs = {**(config.model_init_kwargs or {}), "dtype": model_args.dtype or "auto"}
-    trainer = ALPGRPOTrainer(
-        model=model,
-        reward_funcs=rewards,
-        args=config,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-        tools=tools or None,
-    )
-    trainer.train()
-    trainer.save_model(config.output_dir)
+    existed = os.path.exists(config.output_dir)
+    try:
+        trainer = ALPGRPOTrainer(
+            model=model,
+            reward_funcs=rewards,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=get_peft_config(model_args),
+            tools=tools or None,
+        )
+        _check_positions(trainer, dataset)
+    except BaseException:
+        if not existed:  # the trainer makes output_dir in its constructor: a failed setup leaves nothing behind
+            _remove_if_empty(config.output_dir)
+        raise
+
+    def run() -> None:
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(config.output_dir)
+        trainer.save_state()  # trainer_state.json: the logged metrics, for `trl-alp plot`
+        if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers, as TRL's script does
+            trainer.end()
+
+    return run
 
 
-def demo(argv: list[str]) -> None:
-    from .demo import DemoArguments, run_demo
+def demo(argv: list[str]) -> Callable[[], None]:
+    from .demo import DemoArguments, check_demo_args, run_demo
 
     (args,) = _parser((DemoArguments,), "trl-alp demo").parse_args_and_config(argv)
-    run_demo(args)
+    check_demo_args(args)
+    if args.model == "smollm2":
+        from .models import smollm2_path
+
+        smollm2_path()  # the package that ships the model is missing: say so now, not after the first run
+    return lambda: run_demo(args)
 
 
-def bench(argv: list[str]) -> None:
+def bench(argv: list[str]) -> Callable[[], None]:
     from .bench import BenchArguments
     from .bench import main as run
 
     (args,) = _parser((BenchArguments,), "trl-alp bench").parse_args_and_config(argv)
-    run(args)
+    if args.model == "smollm2":
+        from .models import smollm2_path
+
+        smollm2_path()
+    elif args.model != "tiny" and not os.path.isdir(args.model):
+        raise CLIError(f"--model {args.model!r}: use 'tiny', 'smollm2' or a local model folder")
+    return lambda: run(args)
 
 
-def plot(argv: list[str]) -> None:
-    from .plot import plot_envelopes
+def plot(argv: list[str]) -> Callable[[], None]:
+    from .plot import draw_envelopes, load_envelopes
 
     parser = argparse.ArgumentParser(prog="trl-alp plot", description="Ratio-envelope plot of one or more runs.")
     parser.add_argument("run_dirs", nargs="+", help="run folders (with trainer_state.json or checkpoint-*/)")
     parser.add_argument("--output", default="envelopes.png", help="PNG to write")
     parser.add_argument("--labels", nargs="*", help="one label per run (default: folder names)")
     parser.add_argument("--level", choices=["seq", "token"], default="seq", help="ratio level to plot")
+    parser.error = _raise_usage_error("trl-alp plot")
     args = parser.parse_args(argv)
-    plot_envelopes(args.run_dirs, args.output, labels=args.labels, level=args.level)
-    print(f"wrote {args.output}")
+    data = load_envelopes(args.run_dirs, args.labels, args.level)  # fails when there is nothing to draw
+
+    def run() -> None:
+        draw_envelopes(data, args.output, args.level)
+        print(f"wrote {args.output}")
+
+    return run
 
 
 COMMANDS = {"train": train, "demo": demo, "plot": plot, "bench": bench}
@@ -255,14 +473,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trl-alp: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    # transformers' deprecation notices about arguments TRL sets itself are not actionable from this command line
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+    # TRL sets and calls the deprecated `gradient_checkpointing*` names itself: those notices are not the user's
+    warnings.filterwarnings("ignore", message=r"`\w*gradient_checkpointing\w*` is deprecated", category=FutureWarning)
     logging.getLogger("trl_alp").setLevel(logging.INFO)
     try:
-        COMMANDS[command](rest)
-    except (CLIError, ValueError, FileNotFoundError, KeyError, OSError) as error:
+        run = COMMANDS[command](rest)  # parse, validate, set up: the only part whose errors become one line
+    except (CLIError, ValueError, OSError) as error:
         print(f"trl-alp {command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    run()  # training and the user's code: an exception keeps its traceback (exit status 1)
     return 0
 
 

@@ -7,6 +7,7 @@ The report folder holds ``results.md`` (table), ``results.json``, ``envelopes.pn
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -14,18 +15,11 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from tqdm.auto import tqdm
-from transformers import ProgressCallback, TrainerCallback
-
-from .data import REWARD_FUNCS, arithmetic_dataset
-from .models import load_offline_model
-from .plot import load_log_history, plot_envelopes, series
+from .plot import load_log_history, series
 
 logger = logging.getLogger(__name__)
 
-# Seconds per optimizer step measured on 2 CPU cores (see README), for the up-front estimate.
-SECONDS_PER_STEP = {"smollm2": 12.5, "tiny": 0.15}
-SECONDS_TO_LOAD = {"smollm2": 25.0, "tiny": 6.0}
+MODELS = ("smollm2", "tiny")
 
 
 @dataclass
@@ -55,8 +49,8 @@ class DemoArguments:
     seed: int = field(default=0, metadata={"help": "Seed shared by every run."})
 
     def __post_init__(self):
-        if self.model not in SECONDS_PER_STEP:
-            raise ValueError(f"--model must be one of {list(SECONDS_PER_STEP)}, got {self.model!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"--model must be one of {list(MODELS)}, got {self.model!r}")
         if isinstance(self.rollout_dtype, str) and self.rollout_dtype.lower() == "none":
             self.rollout_dtype = None
         if self.max_steps is None:
@@ -69,8 +63,20 @@ class DemoArguments:
         return [c.strip() for c in self.corrections.split(",") if c.strip()]
 
 
-def estimate_seconds(args: DemoArguments) -> float:
-    return SECONDS_TO_LOAD[args.model] + len(args.correction_list) * args.max_steps * SECONDS_PER_STEP[args.model]
+def check_demo_args(args: DemoArguments) -> None:
+    """Checks that need the package's corrections (and so TRL): run before anything is trained or written."""
+    from ..config import CORRECTIONS
+
+    unknown = [c for c in args.correction_list if c not in CORRECTIONS]
+    if unknown or not args.correction_list:
+        raise ValueError(f"--corrections: unknown {unknown}; choose from {list(CORRECTIONS)}")
+
+
+def estimate_remaining_seconds(
+    seconds_per_step: float, steps_left: int, seconds_per_load: float, loads_left: int
+) -> float:
+    """Time left from measured rates: the remaining optimizer steps plus the remaining model loads."""
+    return seconds_per_step * steps_left + seconds_per_load * loads_left
 
 
 def _run_config(args: DemoArguments, correction: str, output_dir: str):
@@ -83,7 +89,7 @@ def _run_config(args: DemoArguments, correction: str, output_dir: str):
         max_steps=args.max_steps,
         per_device_train_batch_size=8,
         num_generations=8,
-        steps_per_generation=2,  # staleness: the second step trains on rollouts of the previous weights
+        steps_per_generation=STEPS_PER_GENERATION,  # staleness: the second step trains on older rollouts
         max_completion_length=48 if smol else 16,
         temperature=1.0,
         learning_rate=2e-4 if smol else 1e-2,
@@ -94,32 +100,56 @@ def _run_config(args: DemoArguments, correction: str, output_dir: str):
         report_to="none",
         bf16=False,
         use_cpu=True,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # transformers 5 name: gradient_checkpointing is deprecated
         seed=args.seed,
         alp_rollout_dtype=args.rollout_dtype,
         disable_tqdm=False,
     )
 
 
-class CompactProgress(TrainerCallback):
-    """A one-line-per-step progress bar (reward, sequence-ratio q99, k3 KL) instead of the Trainer's metric dicts."""
+STEPS_PER_GENERATION = 2  # the demo's staleness: one generation feeds two optimizer steps
 
-    SHOWN = {"reward": "reward", "alp/ratio/seq/q99": "q99", "alp/mismatch/k3_kl": "k3"}
 
-    def __init__(self, label: str):
-        self.label = label
+def _progress_callback(label: str, on_first_cycle=None):
+    """A one-line-per-step progress bar (reward, sequence-ratio q99, k3 KL) instead of the Trainer's metric dicts.
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.bar = tqdm(total=state.max_steps, desc=self.label, dynamic_ncols=True)
+    `on_first_cycle(seconds_per_step, steps)` is called once the first generation cycle (one generation and the
+    optimizer steps it feeds) has run, so a time estimate rests on a measured, representative stretch.
+    """
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        self.bar.set_postfix({short: f"{logs[k]:.3g}" for k, short in self.SHOWN.items() if logs.get(k) is not None})
-        self.bar.n = state.global_step
-        self.bar.refresh()
+    class CompactProgress(TrainerCallback):
+        SHOWN = {"reward": "reward", "alp/ratio/seq/q99": "q99", "alp/mismatch/k3_kl": "k3"}
 
-    def on_train_end(self, args, state, control, **kwargs):
-        self.bar.close()
+        def __init__(self):
+            self.on_first_cycle = on_first_cycle
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = tqdm(total=state.max_steps, desc=label, dynamic_ncols=True)
+            self.start = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.start is None:
+                self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            cycle = min(args.steps_per_generation or 1, state.max_steps)
+            if self.on_first_cycle is not None and state.global_step == cycle:
+                self.on_first_cycle((time.perf_counter() - self.start) / cycle, cycle)
+                self.on_first_cycle = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            shown = {short: f"{logs[k]:.3g}" for k, short in self.SHOWN.items() if logs.get(k) is not None}
+            self.bar.set_postfix(shown)
+            self.bar.n = state.global_step
+            self.bar.refresh()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+
+    return CompactProgress()
 
 
 def summarize(run_dir: str) -> dict[str, float]:
@@ -170,29 +200,60 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _log_estimate(args: DemoArguments, load_seconds: float, runs_left: int, seconds_per_step: float, steps_done: int):
+    """Log the time left once the first run's first generation cycle has been measured."""
+    steps_left = args.max_steps - steps_done + runs_left * args.max_steps
+    seconds = estimate_remaining_seconds(seconds_per_step, steps_left, load_seconds, runs_left)
+    logger.info(
+        "trl-alp demo: measured %.3g s/step over the first %d steps and %.3g s per model load; estimated %s for the "
+        "remaining %d steps and %d loads.",
+        seconds_per_step,
+        steps_done,
+        load_seconds,
+        f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min",
+        steps_left,
+        runs_left,
+    )
+
+
+def _json_safe(value):
+    """NaN/inf (a metric that was never logged, e.g. σ of a non-ALP run) become null: JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def run_demo(args: DemoArguments) -> dict[str, dict[str, float]]:
     """Train one run per correction and write the report; returns the table rows."""
-    from ..config import CORRECTIONS
-    from ..trainer import ALPGRPOTrainer
+    from transformers import ProgressCallback
 
+    from ..trainer import ALPGRPOTrainer
+    from .data import REWARD_FUNCS, arithmetic_dataset
+    from .models import load_offline_model
+    from .plot import plot_envelopes
+
+    check_demo_args(args)
     corrections = args.correction_list
-    unknown = [c for c in corrections if c not in CORRECTIONS]
-    if unknown:
-        raise ValueError(f"--corrections: unknown {unknown}; choose from {list(CORRECTIONS)}")
-    minutes = estimate_seconds(args) / 60
     logger.info(
-        "trl-alp demo: %s × %d steps on %s, rollouts in %s, training in fp32; estimated %.1f min on 2 CPU cores.",
+        "trl-alp demo: %s × %d steps on %s, rollouts in %s, training in fp32; a time estimate follows the first "
+        "%d steps.",
         ", ".join(corrections),
         args.max_steps,
         args.model,
         args.rollout_dtype or "fp32",
-        minutes,
+        min(STEPS_PER_GENERATION, args.max_steps),
     )
     os.makedirs(args.output_dir, exist_ok=True)
     dataset = arithmetic_dataset(args.num_prompts, seed=args.seed)
     rewards = [REWARD_FUNCS["correctness"], REWARD_FUNCS["number_format"]]
     run_dirs, timings = [], {}
+    demo_start = time.perf_counter()
     for i, correction in enumerate(corrections, 1):
+        load_start = time.perf_counter()
         model, tokenizer, lora = load_offline_model(args.model, seed=args.seed)
         run_dir = os.path.join(args.output_dir, correction)
         trainer = ALPGRPOTrainer(
@@ -203,18 +264,25 @@ def run_demo(args: DemoArguments) -> dict[str, dict[str, float]]:
             processing_class=tokenizer,
             peft_config=lora,
         )
+        load_seconds = time.perf_counter() - load_start
+
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(CompactProgress(f"[{i}/{len(corrections)}] {correction}"))
+        label = f"[{i}/{len(corrections)}] {correction}"
+        estimate = functools.partial(_log_estimate, args, load_seconds, len(corrections) - 1) if i == 1 else None
+        trainer.add_callback(_progress_callback(label, estimate))
         start = time.perf_counter()
         trainer.train()
         timings[correction] = time.perf_counter() - start
         trainer.save_state()
         run_dirs.append(run_dir)
+    logger.info(
+        "trl-alp demo: trained %d runs in %.1f min.", len(corrections), (time.perf_counter() - demo_start) / 60
+    )
 
     rows = {c: {**summarize(d), "train_seconds": timings[c]} for c, d in zip(corrections, run_dirs, strict=True)}
     plot_envelopes(run_dirs, os.path.join(args.output_dir, "envelopes.png"), labels=corrections)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "results": rows}, f, indent=2)
+        json.dump(_json_safe({"args": vars(args), "results": rows}), f, indent=2, allow_nan=False)
     table = markdown_table(rows)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(

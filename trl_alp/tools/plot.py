@@ -10,17 +10,24 @@ from collections.abc import Sequence
 ENVELOPE_KEYS = ("q02", "q25", "q50", "q75", "q98")
 
 
+def _state_path(run_dir: str) -> str:
+    """The run's ``trainer_state.json``, or its newest ``checkpoint-*``'s when the run was not finished."""
+    path = os.path.join(run_dir, "trainer_state.json")
+    if os.path.exists(path):
+        return path
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"run folder {run_dir!r} does not exist")
+    checkpoints = sorted(
+        (d for d in os.listdir(run_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[-1])
+    )
+    if not checkpoints:
+        raise FileNotFoundError(f"{run_dir}: no trainer_state.json (nor checkpoint-*/trainer_state.json) found")
+    return os.path.join(run_dir, checkpoints[-1], "trainer_state.json")
+
+
 def load_log_history(run_dir: str) -> list[dict]:
     """The ``log_history`` of a run folder (or of its newest ``checkpoint-*`` when the run was not finished)."""
-    path = os.path.join(run_dir, "trainer_state.json")
-    if not os.path.exists(path):
-        checkpoints = sorted(
-            (d for d in os.listdir(run_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[-1])
-        )
-        if not checkpoints:
-            raise FileNotFoundError(f"{run_dir}: no trainer_state.json (nor checkpoint-*/trainer_state.json) found")
-        path = os.path.join(run_dir, checkpoints[-1], "trainer_state.json")
-    with open(path) as f:
+    with open(_state_path(run_dir)) as f:
         return json.load(f)["log_history"]
 
 
@@ -43,30 +50,60 @@ def envelope_data(history: list[dict], level: str = "seq") -> dict[str, tuple[li
     return data
 
 
+def load_envelopes(
+    run_dirs: Sequence[str], labels: Sequence[str] | None = None, level: str = "seq"
+) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """The envelope data of every run, by label. Raises ``ValueError`` when a run logged no ratio quantiles, so
+    nothing is drawn for it (an empty plot would look like a run without mismatch)."""
+    labels = list(labels) if labels is not None else [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise ValueError(f"got {len(labels)} labels for {len(run_dirs)} runs")
+    data, empty = {}, []
+    for run_dir, label in zip(run_dirs, labels, strict=True):
+        data[label] = envelope_data(load_log_history(run_dir), level)
+        if not data[label]["q50"][0]:
+            empty.append(run_dir)
+    if empty:
+        raise ValueError(f"nothing to plot: {'; '.join(_why_empty(d, level) for d in empty)}")
+    return data
+
+
+def _why_empty(run_dir: str, level: str) -> str:
+    """Why a run has no `alp/ratio/{level}/*` values, from the trainer_state.json it was read from."""
+    path = _state_path(run_dir)
+    with open(path) as f:
+        state = json.load(f)
+    steps, every = state.get("global_step", 0), state.get("logging_steps")
+    if every and steps < every:
+        return (
+            f"{path} records {steps} steps but metrics are logged every {every} steps (logging_steps), so none was "
+            "logged: train with --logging_steps 1"
+        )
+    return f"{path} holds no alp/ratio/{level}/* values (was the run trained with ALPGRPOTrainer?)"
+
+
 def plot_envelopes(
     run_dirs: Sequence[str], output: str, labels: Sequence[str] | None = None, level: str = "seq"
 ) -> dict[str, dict]:
     """Write a PNG with, per run (one colour each): the ratio's P2–P98 and P25–P75 envelopes and median on a log
     axis, the k3 KL between training and rollout policy, and the reward. Returns the plotted data by label."""
+    return draw_envelopes(load_envelopes(run_dirs, labels, level), output, level)
+
+
+def draw_envelopes(plotted: dict[str, dict], output: str, level: str = "seq") -> dict[str, dict]:
+    """Draw data from `load_envelopes` into the PNG `output`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = list(labels) if labels is not None else [os.path.basename(os.path.normpath(d)) for d in run_dirs]
-    if len(labels) != len(run_dirs):
-        raise ValueError(f"got {len(labels)} labels for {len(run_dirs)} runs")
     fig, (ax_ratio, ax_kl, ax_reward) = plt.subplots(1, 3, figsize=(16, 4.5))
-    plotted = {}
-    for i, (run_dir, label) in enumerate(zip(run_dirs, labels, strict=True)):
-        data = envelope_data(load_log_history(run_dir), level)
-        plotted[label] = data
+    for i, (label, data) in enumerate(plotted.items()):
         color = f"C{i}"
         steps, lo = data["q02"]
-        if steps:
-            ax_ratio.fill_between(steps, lo, data["q98"][1], color=color, alpha=0.15, linewidth=0)
-            ax_ratio.fill_between(steps, data["q25"][1], data["q75"][1], color=color, alpha=0.35, linewidth=0)
-            ax_ratio.plot(*data["q50"], color=color, label=label)
+        ax_ratio.fill_between(steps, lo, data["q98"][1], color=color, alpha=0.15, linewidth=0)
+        ax_ratio.fill_between(steps, data["q25"][1], data["q75"][1], color=color, alpha=0.35, linewidth=0)
+        ax_ratio.plot(*data["q50"], color=color, label=label)
         ax_kl.plot(*data["kl"], color=color, label=label)
         ax_reward.plot(*data["reward"], color=color, label=label)
     ax_ratio.set_yscale("log")

@@ -32,7 +32,10 @@ def build_tokenizer(
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # its progress bar writes blank lines to stdout (breaks `trl-alp bench --json`)
     )
     texts = [t.format(a=a, b=b, c=a + b) for t in _CORPUS for a in range(12) for b in range(12)]
     tok.train_from_iterator(texts + list(extra_texts), trainer=trainer)

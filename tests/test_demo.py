@@ -1,0 +1,85 @@
+"""`trl-alp demo` on the tiny model: the report (table, strict JSON, PNG) and a time estimate from a measured step."""
+
+import json
+import logging
+import re
+
+import pytest
+
+from trl_alp.tools.cli import main
+from trl_alp.tools.demo import estimate_remaining_seconds
+
+STEPS = 2
+CORRECTIONS = ["grpo", "seq-bypass", "seq-alp"]
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "report"
+    records = _Records()
+    logger = logging.getLogger("trl_alp.tools.demo")
+    logger.addHandler(records)
+    try:
+        assert main(["demo", "--model", "tiny", "--max_steps", str(STEPS), "--output_dir", str(out)]) == 0
+    finally:
+        logger.removeHandler(records)
+    return out, records.messages
+
+
+def test_demo_tiny_writes_report_table_and_png(demo):
+    out, _ = demo
+    table = (out / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    assert [row.split("|")[1].strip() for row in rows] == CORRECTIONS
+    results = json.loads((out / "results.json").read_text())["results"]
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[2:-1]]
+        name = row.split("|")[1].strip()
+        assert float(cells[3]) == pytest.approx(results[name]["seq_ratio_q99_max"], abs=1e-3)
+        assert re.fullmatch(r"[\d.]+ → [\d.]+", cells[0])  # reward first → last
+    assert results["seq-alp"]["sigma_final"] > 0
+    assert (out / "envelopes.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "seq-alp" / "trainer_state.json").exists()
+
+
+def test_results_json_is_strict_json(demo):
+    out, _ = demo
+
+    def reject(constant):
+        raise ValueError(f"results.json contains {constant}, which is not JSON")
+
+    report = json.loads((out / "results.json").read_text(), parse_constant=reject)
+    assert report["results"]["grpo"]["sigma_final"] is None  # GRPO has no σ: null, not NaN
+    assert report["args"]["max_steps"] == STEPS
+
+
+def test_estimate_comes_from_the_first_measured_steps(demo):
+    out, messages = demo
+    pattern = (
+        r"trl-alp demo: measured ([\d.e+-]+) s/step over the first (\d+) steps and ([\d.e+-]+) s per model load; "
+        r"estimated ([\d.]+) (s|min) for the remaining (\d+) steps and (\d+) loads\."
+    )
+    found = [m for m in (re.fullmatch(pattern, message) for message in messages) if m]
+    assert len(found) == 1, messages  # once, during the first run
+    per_step, measured, per_load, estimate, unit, steps_left, loads_left = found[0].groups()
+    # the first generation cycle (steps_per_generation=2); everything after it is what is left
+    assert int(measured) == 2 and int(steps_left) == STEPS * len(CORRECTIONS) - 2 and int(loads_left) == 2
+    expected = estimate_remaining_seconds(float(per_step), int(steps_left), float(per_load), int(loads_left))
+    shown = float(estimate) * (60 if unit == "min" else 1)
+    assert shown == pytest.approx(expected, rel=0.03, abs=0.6)  # shown rounded to 1 s or 0.1 min
+    # the per-step time is a measurement of this run: it cannot exceed the first run's whole training time
+    first_run = json.loads((out / "results.json").read_text())["results"]["grpo"]["train_seconds"]
+    assert 0 < float(per_step) * int(measured) <= first_run
+
+
+def test_estimate_arithmetic():
+    assert estimate_remaining_seconds(0.5, 10, 2.0, 3) == pytest.approx(11.0)

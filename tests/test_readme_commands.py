@@ -1,0 +1,130 @@
+"""Every `trl-alp` command printed in README.md and in the recipes' header comments runs, in a quick variant.
+
+The commands run in order, in one scratch folder (the `plot` example reads the run folder the first `train` example
+wrote). Quick variants: `train` stops after at most 2 steps (4 when it saves checkpoints, so a resume example has one
+to resume from) of 4 completions of ≤ 8 tokens for 1 prompt; `demo` runs the tiny model for 1 step of `seq-alp` (the SmolLM2 demo is the same code on another model; its loader is tested in test_models.py); `bench`
+measures 1 cycle, no warm-up, 1 repeat. Commands that need the Hugging Face Hub (for model or data) are only parsed
+and validated (recipe, every field, rewards), with `--bf16 false --use_cpu true` for this CPU machine, and their test
+id says so.
+"""
+
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trl_alp.tools import cli
+from trl_alp.tools.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+# Inline mentions of `trl-alp ...` in the README that are not commands.
+NOT_COMMANDS = {"trl-alp train: error: ..."}
+HUB_ONLY = "[Hub: parsed and validated only]"
+
+
+def _readme_commands() -> list[str]:
+    text = README.read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    commands = [line.strip() for block in blocks for line in block.splitlines() if line.startswith("trl-alp")]
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    commands += [span for span in re.findall(r"`(trl-alp[^`]*)`", prose) if span not in NOT_COMMANDS]
+    return commands
+
+
+def _recipe_commands() -> list[str]:
+    return [
+        line.lstrip("# ").strip()
+        for recipe in sorted(cli.RECIPES_DIR.glob("*.yaml"))
+        for line in recipe.read_text().splitlines()
+        if line.startswith("# trl-alp")
+    ]
+
+
+def _set(argv: list[str], flag: str, value: str) -> list[str]:
+    """`argv` with `--flag value` replaced, or appended."""
+    if f"--{flag}" in argv:
+        i = argv.index(f"--{flag}")
+        return [*argv[: i + 1], value, *argv[i + 2 :]]
+    return [*argv, f"--{flag}", value]
+
+
+def _needs_hub(argv: list[str]) -> bool:
+    recipe_path = cli._value(argv, "config")
+    recipe = yaml.safe_load(Path(cli.resolve_recipe(recipe_path)).read_text()) if recipe_path else {}
+    model = cli._value(argv, "model_name_or_path") or recipe.get("model_name_or_path")
+    dataset = cli._value(argv, "dataset_name") or recipe.get("dataset_name", "arithmetic")
+    local_model = model in cli.MODEL_ALIASES or (model is not None and model.startswith((".", "/", "~")))
+    local_data = dataset == "arithmetic" or Path(dataset).exists() or dataset.startswith((".", "/", "~"))
+    return not (local_model and local_data)
+
+
+def _quick(argv: list[str]) -> list[str]:
+    command = argv[0] if argv else None  # `trl-alp` alone prints the usage
+    if command == "train" and not _needs_hub(argv):
+        given, saves = cli._value(argv, "max_steps"), cli._value(argv, "save_steps")
+        argv = _set(argv, "max_steps", str(min(int(given), 4 if saves else 2)) if given else "2")
+        for flag, value in (("per_device_train_batch_size", "4"), ("num_generations", "4")):
+            argv = _set(argv, flag, value)
+        return _set(argv, "max_completion_length", "8")
+    if command == "demo":  # the three-correction report is tested in test_demo.py
+        return _set(_set(_set(argv, "model", "tiny"), "max_steps", "1"), "corrections", "seq-alp")
+    if command == "bench":
+        for flag, value in (("model", "tiny"), ("cycles", "1"), ("warmup", "0"), ("repeats", "1")):
+            argv = _set(argv, flag, value)
+        return _set(argv, "max_completion_length", "8")
+    return argv
+
+
+def _cases():
+    cases, seen = [], set()
+    for source, commands in (("README", _readme_commands()), ("recipe", _recipe_commands())):
+        for command in commands:
+            argv = shlex.split(command, comments=True)[1:]
+            quick = _quick(argv)
+            key = tuple(quick if quick[:1] not in (["demo"], ["bench"]) else sorted(_set(quick, "output_dir", "-")))
+            if key in seen:  # e.g. the two demo examples are one quick variant
+                continue
+            seen.add(key)
+            hub = quick[:1] == ["train"] and _needs_hub(quick)
+            shown = shlex.join(["trl-alp", *argv])
+            cases.append(pytest.param(quick, hub, id=f"{source}: {shown}" + (f" {HUB_ONLY}" if hub else "")))
+    return cases
+
+
+CASES = _cases()
+
+
+def test_the_readme_and_the_recipes_print_commands():
+    ids = [case.id for case in CASES]
+    assert any("trl-alp train --config tiny_arithmetic" in i for i in ids)
+    assert sum(HUB_ONLY in i for i in ids) == 2  # the two Hub recipes
+    assert {case.values[0][0] for case in CASES if case.values[0]} >= {"train", "demo", "plot", "bench", "--help"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("readme")
+    # the README's own reward module (the python block that starts with "# my_rewards.py")
+    (source,) = re.findall(r"```python\n(# my_rewards\.py\n.*?)```", README.read_text(), flags=re.S)
+    (folder / "my_rewards.py").write_text(source)
+    return folder
+
+
+@pytest.mark.parametrize(("argv", "hub"), CASES)
+def test_command_runs(argv, hub, workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # `train` puts the current folder on it
+    if hub:
+        setup = cli.parse_train_args([*argv[1:], "--bf16", "false", "--use_cpu", "true"])
+        recipe = yaml.safe_load(Path(cli.resolve_recipe(cli._value(argv, "config"))).read_text())
+        assert setup.model_args.model_name_or_path == recipe["model_name_or_path"]
+        assert setup.config.correction == recipe["correction"] and setup.script.dataset_name == recipe["dataset_name"]
+        return
+    assert main(argv) == 0
+    output = cli._value(argv, "output")
+    if output:  # plot
+        assert (workdir / output).read_bytes()[:4] == b"\x89PNG"
