@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -13,6 +14,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
+from .calibration import FALLBACK_SIGMA, Calibration, calibrate_sigma, masked_k3_kl
 from .config import ALPConfig
 from .loss import (
     aggregate_loss,
@@ -115,12 +117,15 @@ class ALPGRPOTrainer(GRPOTrainer):
             )
         self._alp_skip_old_pass = False
         self._alp_capture_loss_logps = False
+        self.alp_calibration: dict | None = None  # σ₀ calibration (alp_init_sigma="auto"), saved in alp_state.json
+        self._alp_sigma_restored = False  # σ came from a checkpoint: never recalibrate
         self.add_callback(_SigmaGradCallback(self))
 
     def _build_perturbation(self, args: ALPConfig) -> LayerPerturbation:
         seed = args.seed if args.alp_noise_seed is None else args.alp_noise_seed
+        init_sigma = FALLBACK_SIGMA if args.alp_init_sigma == "auto" else args.alp_init_sigma  # "auto": set later
         if not self.correction.perturbs:
-            return LayerPerturbation(torch.nn.ModuleList(), [], args.alp_init_sigma, learnable=False, seed=seed)
+            return LayerPerturbation(torch.nn.ModuleList(), [], init_sigma, learnable=False, seed=seed)
         layers_path, layers = find_decoder_layers(self.model, args.alp_layers_path)
         indices = parse_layer_spec(args.alp_layers, len(layers))
         final = unwrap_model(self.model).base_model if is_logits_only(args.alp_layers) else None
@@ -132,7 +137,7 @@ class ALPGRPOTrainer(GRPOTrainer):
         return LayerPerturbation(
             layers,
             indices,
-            init_sigma=args.alp_init_sigma,
+            init_sigma=init_sigma,
             learnable=args.alp_learn_sigma and (bool(indices) or final is not None),
             seed=seed,
             relative=args.alp_relative_sigma,
@@ -163,7 +168,77 @@ class ALPGRPOTrainer(GRPOTrainer):
     def _prepare_inputs(self, generation_batch):
         # Generation, old and reference log-prob passes run here: never perturbed.
         with self.alp_perturbation.suspended():
-            return super()._prepare_inputs(generation_batch)
+            inputs = super()._prepare_inputs(generation_batch)
+        if self._alp_calibration_due():
+            self.calibrate_sigma(inputs)
+        return inputs
+
+    # ---------------------------------------------------------------------------------- σ₀ calibration
+    def _alp_calibration_due(self) -> bool:
+        return (
+            self.args.alp_init_sigma == "auto"
+            and self.model.training
+            and self.alp_calibration is None
+            and not self._alp_sigma_restored
+            and self.alp_perturbation.log_sigma.numel() > 0
+        )
+
+    def calibrate_sigma(self, inputs: dict) -> dict:
+        """Set σ₀ of every perturbed layer from the first batch (``alp_init_sigma="auto"``), once per run.
+
+        Measures the k3 KL(μ‖π) between the clean training policy and the rollout log-probs, then bisects σ (no-grad
+        forwards with the noise forced on and drawn from fixed seeds, so the result is deterministic) until the
+        noise's own k3 KL(π‖π_σ) is ``alp_sigma_target`` times it; see `trl_alp.calibration`.
+        """
+        perturbation, mask = self.alp_perturbation, inputs["completion_mask"]
+        mask = mask * inputs["tool_mask"] if "tool_mask" in inputs else mask
+        rollout_logps = inputs.get("sampling_per_token_logps")
+        mask = mask * torch.isfinite(rollout_logps) if rollout_logps is not None else mask
+
+        def global_k3(log_ratio: torch.Tensor) -> float:
+            local = torch.stack(masked_k3_kl(log_ratio, mask, reduce=False))
+            total, count = self.accelerator.reduce(local, reduction="sum").tolist()
+            return total / count if count > 0 else math.nan
+
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            clean, _, _ = self._completion_logps(self.model, inputs)
+            if rollout_logps is None:
+                mismatch = math.nan
+            else:
+                mismatch = global_k3(clean - torch.nan_to_num(rollout_logps, nan=0.0, posinf=0.0, neginf=0.0))
+            if not perturbation.is_active:
+                stack.enter_context(perturbation.active(self.state.global_step, 0, self.accelerator.process_index))
+
+            def noise_kl(sigma: float) -> float:
+                perturbation.log_sigma.fill_(math.log(sigma))
+                with perturbation.forced():
+                    noisy, _, _ = self._completion_logps(self.model, inputs)
+                return global_k3(noisy - clean)
+
+            result: Calibration = calibrate_sigma(noise_kl, mismatch, self.args.alp_sigma_target)
+            perturbation.log_sigma.fill_(math.log(result.sigma))
+        if result.fallback:
+            logger.warning(
+                "alp_init_sigma='auto': the training–rollout mismatch KL on the first batch is %.3g (below the floor, "
+                "or no rollout log-probs): nothing to calibrate against, using σ₀ = %g.",
+                mismatch,
+                result.sigma,
+            )
+        else:
+            logger.info(
+                "alp_init_sigma='auto': mismatch k3 KL %.3g → σ₀ = %.4g (noise k3 KL %.3g, target %.3g, %d forwards)",
+                result.mismatch_kl,
+                result.sigma,
+                result.noise_kl,
+                result.target_kl,
+                result.forwards,
+            )
+        metrics = self._metrics["train"]
+        metrics["alp/sigma/calibrated"].append(result.sigma)
+        metrics["alp/sigma/calibration_mismatch_kl"].append(result.mismatch_kl)
+        metrics["alp/sigma/calibration_noise_kl"].append(result.noise_kl)
+        self.alp_calibration = result.to_dict()
+        return self.alp_calibration
 
     # ----------------------------------------------------------------------------------- rollout log-probs
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
@@ -406,7 +481,12 @@ class ALPGRPOTrainer(GRPOTrainer):
     def alp_state(self) -> dict:
         """σ and the perturbed layers, as saved in ``alp_state.json``."""
         p = self.alp_perturbation
-        return {"layer_indices": p.layer_indices, "log_sigma": p.log_sigma.tolist(), "sigma": p.sigma.tolist()}
+        return {
+            "layer_indices": p.layer_indices,
+            "log_sigma": p.log_sigma.tolist(),
+            "sigma": p.sigma.tolist(),
+            "calibration": self.alp_calibration,
+        }
 
     def _write_alp_state(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
@@ -437,13 +517,16 @@ class ALPGRPOTrainer(GRPOTrainer):
                 )
             with torch.no_grad():
                 self.alp_perturbation.log_sigma.copy_(torch.tensor(state["log_sigma"]))
+            self.alp_calibration = state.get("calibration")
+            self._alp_sigma_restored = True
 
 
 # ALP fields that only matter for some corrections: (applies?, fields).
 _FIELD_SCOPES = (
     (
         lambda c: c.perturbs,
-        ("alp_layers", "alp_layers_path", "alp_init_sigma", "alp_learn_sigma", "alp_sigma_learning_rate")
+        ("alp_layers", "alp_layers_path", "alp_init_sigma", "alp_sigma_target", "alp_learn_sigma")
+        + ("alp_sigma_learning_rate",)
         + ("alp_sigma_weight_decay", "alp_relative_sigma", "alp_noise_seed"),
     ),
     (lambda c: c.family in ("alp", "bypass"), ("alp_epsilon_low", "alp_epsilon_high", "alp_dual_clip")),
