@@ -14,12 +14,13 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 
-USAGE = """usage: trl-alp {train,demo,plot,bench} [options]
+USAGE = """usage: trl-alp {train,demo,plot,bench,stress} [options]
 
   train   train with ALPGRPOTrainer: trl-alp train --config recipe.yaml [--flag value ...]
   demo    GRPO vs Bypass vs ALP on an embedded default (offline): trl-alp demo [--model tiny]
   plot    ratio-envelope PNG from run folders: trl-alp plot RUN_DIR [RUN_DIR ...] --output envelopes.png
   bench   ALPGRPOTrainer vs GRPOTrainer step time (and peak memory on CUDA): trl-alp bench [--model smollm2]
+  stress  mismatch stress test, corrections × mismatch cells × seeds: trl-alp stress --preset cpu [--workers 2]
 
 Run `trl-alp COMMAND --help` for the options of a command."""
 
@@ -197,7 +198,15 @@ def plot(argv: list[str]) -> None:
     print(f"wrote {args.output}")
 
 
-COMMANDS = {"train": train, "demo": demo, "plot": plot, "bench": bench}
+def stress(argv: list[str]) -> None:
+    from .stress import StressArguments, run_stress
+
+    (args,) = _parser((StressArguments,), "trl-alp stress").parse_args_and_config(argv)
+    run_stress(args)
+    print(f"Report: {os.path.abspath(args.output_dir)}/results.md, results.json, phase_diagram.png, envelopes/")
+
+
+COMMANDS = {"train": train, "demo": demo, "plot": plot, "bench": bench, "stress": stress}
 
 
 def main(argv: list[str] | None = None) -> int:
