@@ -41,7 +41,8 @@ PRECISIONS = {
     "4bit": {"alp_rollout_weight_bits": 4},
 }
 SIGMA_VARIANTS = {"paper": {}, "auto": {"alp_init_sigma": "auto"}, "rel": {"alp_relative_sigma": True}}
-BASELINES = ("grpo", "seq-bypass", "token-mis", "seq-mis", "token-tis", "seq-alp", "token-alp")
+# token-bypass is token-alp without noise: it tells the token-level ratio's effect from the noise's
+BASELINES = ("grpo", "seq-bypass", "token-bypass", "token-mis", "seq-mis", "token-tis", "seq-alp", "token-alp")
 OUTCOMES = ("learned", "stalled", "unstable", "collapsed")  # best to worst
 _CELL = re.compile(r"(fp32|bf16|fp16|8bit|4bit)-s(\d+)(?:-lr([0-9.]+(?:e-?\d+)?))?")
 
@@ -512,20 +513,16 @@ def plot_phase_diagram(table: dict[str, dict[str, dict]], cells: list[str], corr
         [OUTCOMES.index(table[c][k]["outcome"]) if k in table.get(c, {}) else math.nan for c in cells]
         for k in corrections
     ]
-    fig, ax = plt.subplots(figsize=(1.9 * len(cells) + 2.5, 0.55 * len(corrections) + 1.6))
+    fig, ax = plt.subplots(figsize=(1.9 * len(cells) + 2.5, 0.6 * len(corrections) + 1.6))
     ax.imshow(grid, cmap=ListedColormap([colors[o] for o in OUTCOMES]), vmin=0, vmax=len(OUTCOMES) - 1, aspect="auto")
     for i, correction in enumerate(corrections):
         for j, cell in enumerate(cells):
             row = table.get(cell, {}).get(correction)
             if row is not None:
-                ax.text(
-                    j,
-                    i,
-                    f"{row['reward_final']:.2f}±{row['reward_final_std']:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                )
+                collapsed = row["outcomes"]["collapsed"]
+                text = f"{row['reward_final']:.2f}±{row['reward_final_std']:.2f}"
+                text += f"\ncollapsed {collapsed}/{row['seeds']}" if collapsed else ""
+                ax.text(j, i, text, ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(cells)), cells, rotation=20)
     ax.set_yticks(range(len(corrections)), corrections)
     ax.set_xlabel("mismatch cell (rollout precision - steps per generation - lr), weak → strong")
