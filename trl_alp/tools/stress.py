@@ -321,6 +321,8 @@ def train_one(args: StressArguments, cell_name: str, correction: str, seed: int)
     run_dir = os.path.join(args.output_dir, "runs", cell.name, correction, f"seed{seed}")
     config = ALPConfig(**run_config_kwargs(args, cell, correction, seed, run_dir))
     model, tokenizer = _load_model(preset, seed)
+    if not preset.use_cpu:
+        model.to("cuda")  # the first evaluation runs before the Trainer places the model
     dataset, rewards = _task(preset, seed)
     eval_dataset = _task(preset, EVAL_SEED)[0].select(range(EVAL_PROMPTS))
     max_new = config.max_completion_length
