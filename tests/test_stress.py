@@ -13,6 +13,7 @@ from trl_alp.tools.cli import main
 from trl_alp.tools.stress import PRESETS, Cell, StressArguments, classify, parse_correction, summarize_history
 
 MICRO = ["--cells", "4bit-s2", "--corrections", "grpo,seq-alp@auto", "--seeds", "1", "--max_steps", "2"]
+MICRO += ["--sigma_target", "2.0"]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,7 @@ def test_micro_grid_writes_table_json_and_pngs(micro_grid):
     # the @auto run really calibrated σ₀ against the 4-bit mismatch
     run = json.loads((micro_grid / "results" / "4bit-s2" / "seq-alp@auto" / "seed0.json").read_text())
     assert run["calibration"]["fallback"] is False and run["steps"] == 2
+    assert run["calibration"]["target_kl"] == pytest.approx(2.0 * run["calibration"]["mismatch_kl"])
     assert cell["seq-alp@auto"]["calibrated_sigma"] == pytest.approx(run["calibration"]["sigma"])
     table = (micro_grid / "results.md").read_text()
     assert "| 4bit-s2 | grpo |" in table and "| 4bit-s2 | seq-alp@auto |" in table
@@ -44,7 +46,12 @@ def test_micro_grid_writes_table_json_and_pngs(micro_grid):
 def test_rerun_skips_finished_runs_and_rejects_other_settings(micro_grid, monkeypatch):
     monkeypatch.setattr(stress, "train_one", lambda *a, **k: pytest.fail("a finished run was trained again"))
     args = StressArguments(
-        cells="4bit-s2", corrections="grpo,seq-alp@auto", seeds=1, max_steps=2, output_dir=str(micro_grid)
+        cells="4bit-s2",
+        corrections="grpo,seq-alp@auto",
+        seeds=1,
+        max_steps=2,
+        sigma_target=2.0,
+        output_dir=str(micro_grid),
     )
     assert stress.pending_jobs(args) == ([], 2)
     report = stress.run_stress(args)
@@ -55,7 +62,9 @@ def test_rerun_skips_finished_runs_and_rejects_other_settings(micro_grid, monkey
 
 
 def test_a_second_seed_is_the_only_pending_job(micro_grid):
-    args = StressArguments(cells="4bit-s2", corrections="grpo", seeds=2, max_steps=2, output_dir=str(micro_grid))
+    args = StressArguments(
+        cells="4bit-s2", corrections="grpo", seeds=2, max_steps=2, sigma_target=2.0, output_dir=str(micro_grid)
+    )
     assert stress.pending_jobs(args) == ([("4bit-s2", "grpo", 1)], 1)
 
 
