@@ -38,7 +38,10 @@ def test_shipped_recipes_resolve_by_name_or_package_path(in_tmp, spec):
 def test_local_recipe_file_wins_and_unknown_recipe_lists_the_shipped_ones(in_tmp):
     (in_tmp / "tiny_arithmetic.yaml").write_text("max_steps: 1\n")
     assert cli.resolve_recipe("tiny_arithmetic.yaml") == "tiny_arithmetic.yaml"
-    with pytest.raises(cli.CLIError, match=r"shipped: \['qwen2.5_0.5b_gsm8k', 'smollm2_135m_lora_gsm8k', 'tiny_"):
+    with pytest.raises(
+        cli.CLIError,
+        match=r"shipped: \['paper_single_turn_qwen2.5_math_1.5b', 'qwen2.5_0.5b_gsm8k', 'smollm2_135m_lora_gsm8k', 'tiny_",
+    ):
         cli.resolve_recipe("nope")
     with pytest.raises(cli.CLIError, match="no such file"):
         cli.resolve_recipe("elsewhere/tiny_arithmetic.yaml")  # a path in another folder is not a recipe name
@@ -254,4 +257,4 @@ def test_package_names_load_on_first_use():
 
 def test_python_dash_m_entry_point():
     done = subprocess.run([sys.executable, "-m", "trl_alp", "--help"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and "usage: trl-alp {train,demo,plot,bench}" in done.stdout
+    assert done.returncode == 0 and "usage: trl-alp {train,demo,plot,bench,stress}" in done.stdout

@@ -15,8 +15,8 @@ BASE = dict(output_dir="unused", report_to="none", bf16=False, use_cpu=True)
     ("overrides", "match"),
     [
         ({"correction": "alp"}, "correction must be one of"),
-        ({"alp_init_sigma": 0.0}, "alp_init_sigma must be > 0"),
-        ({"alp_init_sigma": float("nan")}, "alp_init_sigma must be a finite"),
+        ({"alp_init_sigma": 0.0}, "alp_init_sigma must be a number > 0 or 'auto'"),
+        ({"alp_init_sigma": float("nan")}, "alp_init_sigma must be a number > 0 or 'auto'"),
         ({"alp_epsilon_low": 1.0}, r"alp_epsilon_low must be in \(0, 1\)"),
         ({"alp_dual_clip": 1.0}, "alp_dual_clip must be > 1, got 1.0"),
         ({"alp_layers": "3-1"}, "alp_layers"),

@@ -48,3 +48,13 @@ def test_gsm8k_mapping():
     raw = Dataset.from_list([{"question": "How many?", "answer": "Work... #### 1,234"}])
     row = gsm8k_to_prompts(raw)[0]
     assert row["answer"] == "1234" and row["prompt"][-1] == {"role": "user", "content": "How many?"}
+
+
+def test_digits_task_and_reward():
+    from trl_alp.tools.data import digit_share_reward, digits_dataset
+
+    data = digits_dataset(16, seed=1)
+    assert len(data) == 16 and data[0]["prompt"][0]["role"] == "user"
+    assert digits_dataset(16, seed=1)["prompt"] == data["prompt"]
+    rewards = digit_share_reward([[{"role": "assistant", "content": t}] for t in ["12 34", "a1b2", "", "  ", "xyz"]])
+    assert rewards == [1.0, 0.5, 0.0, 0.0, 0.0]

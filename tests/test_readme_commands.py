@@ -3,7 +3,7 @@
 The commands run in order, in one scratch folder (the `plot` example reads the run folder the first `train` example
 wrote). Quick variants: `train` stops after at most 2 steps (4 when it saves checkpoints, so a resume example has one
 to resume from) of 4 completions of ≤ 8 tokens for 1 prompt; `demo` runs the tiny model for 1 step of `seq-alp` (the SmolLM2 demo is the same code on another model; its loader is tested in test_models.py); `bench`
-measures 1 cycle, no warm-up, 1 repeat. Commands that need the Hugging Face Hub (for model or data) are only parsed
+measures 1 cycle, no warm-up, 1 repeat; `stress` trains one cell of one correction for one seed and step. Commands that need the Hugging Face Hub (for model or data) are only parsed
 and validated (recipe, every field, rewards), with `--bf16 false --use_cpu true` for this CPU machine, and their test
 id says so.
 """
@@ -72,6 +72,10 @@ def _quick(argv: list[str]) -> list[str]:
         return _set(argv, "max_completion_length", "8")
     if command == "demo":  # the three-correction report is tested in test_demo.py
         return _set(_set(_set(argv, "model", "tiny"), "max_steps", "1"), "corrections", "seq-alp")
+    if command == "stress":  # one cell, one correction, one seed, one step; the grid is tested in test_stress.py
+        for flag, value in (("cells", "fp32-s1"), ("corrections", "seq-alp"), ("seeds", "1"), ("max_steps", "1")):
+            argv = _set(argv, flag, value)
+        return _set(argv, "workers", "1")
     if command == "bench":
         for flag, value in (("model", "tiny"), ("cycles", "1"), ("warmup", "0"), ("repeats", "1")):
             argv = _set(argv, flag, value)
@@ -101,8 +105,8 @@ CASES = _cases()
 def test_the_readme_and_the_recipes_print_commands():
     ids = [case.id for case in CASES]
     assert any("trl-alp train --config tiny_arithmetic" in i for i in ids)
-    assert sum(HUB_ONLY in i for i in ids) == 2  # the two Hub recipes
-    assert {case.values[0][0] for case in CASES if case.values[0]} >= {"train", "demo", "plot", "bench", "--help"}
+    assert sum(HUB_ONLY in i for i in ids) == 3  # the three Hub recipes
+    assert {case.values[0][0] for case in CASES if case.values[0]} >= {"train", "demo", "plot", "bench", "stress"}
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +126,8 @@ def test_command_runs(argv, hub, workdir, monkeypatch):
         setup = cli.parse_train_args([*argv[1:], "--bf16", "false", "--use_cpu", "true"])
         recipe = yaml.safe_load(Path(cli.resolve_recipe(cli._value(argv, "config"))).read_text())
         assert setup.model_args.model_name_or_path == recipe["model_name_or_path"]
-        assert setup.config.correction == recipe["correction"] and setup.script.dataset_name == recipe["dataset_name"]
+        expected = recipe.get("correction", "seq-alp")  # a recipe may leave it to its alp_recipe preset or the default
+        assert setup.config.correction == expected and setup.script.dataset_name == recipe["dataset_name"]
         return
     assert main(argv) == 0
     output = cli._value(argv, "output")

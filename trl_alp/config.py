@@ -103,6 +103,21 @@ def _check_finite(name: str, value: float, *, positive: bool = False, nonnegativ
         raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 
+def parse_init_sigma(value: float | str | None) -> float | str:
+    """`alp_init_sigma` as given in Python or on the command line: a finite number > 0, or "auto"."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"alp_init_sigma must be a number > 0 or 'auto', got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"alp_init_sigma must be a number > 0 or 'auto', got {value!r}")
+    return float(value)
+
+
 @dataclass
 class ALPConfig(GRPOConfig):
     r"""
@@ -149,8 +164,25 @@ class ALPConfig(GRPOConfig):
             "Default: found automatically for Llama, Qwen2/3, Mistral, Gemma 1/2/3, Phi-3, GPT-2, GPT-NeoX, OPT."
         },
     )
-    alp_init_sigma: float = field(
-        default=0.02, metadata={"help": "Initial noise scale σ₀ of every perturbed layer (> 0)."}
+    # `str` second in the Union: TRL's parser then reads the flag as a string, which `__post_init__` turns into a
+    # number or keeps as "auto" (None is rejected there).
+    alp_init_sigma: float | str | None = field(
+        default=0.02,
+        metadata={
+            "help": "Initial noise scale σ₀ of every perturbed layer: a number > 0 (the paper's single-turn 0.02 is "
+            "the default), or 'auto': before the first update, measure the k3 KL between the clean training policy "
+            "and the rollout log-probs on the first batch and pick one σ₀ by no-grad bisection so that the noise's "
+            "own k3 KL to the clean policy is alp_sigma_target × that mismatch KL (falls back to 0.02 with a "
+            "warning when there is no measurable mismatch)."
+        },
+    )
+    alp_sigma_target: float = field(
+        default=1.0,
+        metadata={
+            "help": "With alp_init_sigma='auto': the perturbation's k3 KL to the clean policy, as a multiple of the "
+            "measured training–rollout mismatch KL (1.0: the noise is as large as the mismatch it must cover; see "
+            "the README's stress-test section for how it was chosen)."
+        },
     )
     alp_learn_sigma: bool = field(
         default=True, metadata={"help": "Learn σ (one log-scale per layer) with the RL loss; False freezes it."}
@@ -254,7 +286,8 @@ class ALPConfig(GRPOConfig):
         # ALP fields first: a typo fails in a second, before TRL/transformers set up devices.
         if self.correction not in CORRECTIONS:
             raise ValueError(f"correction must be one of {list(CORRECTIONS)}, got {self.correction!r}")
-        _check_finite("alp_init_sigma", self.alp_init_sigma, positive=True)
+        self.alp_init_sigma = parse_init_sigma(self.alp_init_sigma)
+        _check_finite("alp_sigma_target", self.alp_sigma_target, positive=True)
         _check_finite("alp_sigma_learning_rate", self.alp_sigma_learning_rate, nonnegative=True)
         _check_finite("alp_sigma_weight_decay", self.alp_sigma_weight_decay, nonnegative=True)
         _check_finite("alp_epsilon_low", self.alp_epsilon_low, positive=True)
@@ -415,7 +448,8 @@ def alp_defaults() -> str:
 _FIELD_SCOPES = (
     (
         lambda c: c.perturbs,
-        ("alp_layers", "alp_layers_path", "alp_init_sigma", "alp_learn_sigma", "alp_sigma_learning_rate")
+        ("alp_layers", "alp_layers_path", "alp_init_sigma", "alp_sigma_target", "alp_learn_sigma")
+        + ("alp_sigma_learning_rate",)
         + ("alp_sigma_weight_decay", "alp_relative_sigma", "alp_noise_seed"),
     ),
     (lambda c: c.uses_alp_clip, ("alp_epsilon_low", "alp_epsilon_high", "alp_dual_clip")),

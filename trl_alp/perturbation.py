@@ -11,7 +11,7 @@ Two properties make this cheap and safe:
   storing it: no extra activation memory.
 * Hooks exist only inside :meth:`LayerPerturbation.active` and fire only when gradients are enabled and the
   perturbation is not :meth:`~LayerPerturbation.suspended`, so generation, old/reference log-prob passes and
-  evaluation are never perturbed.
+  evaluation are never perturbed (σ calibration alone forces them on for its no-grad forwards, :meth:`forced`).
 """
 
 from __future__ import annotations
@@ -251,6 +251,7 @@ class LayerPerturbation(nn.Module):
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._coords: tuple[int, int, int] | None = None
         self._suspended = 0
+        self._forced = 0
         self.applied = [0] * len(self._sites)  # hook applications per site since the last `active()`
 
     @property
@@ -263,7 +264,7 @@ class LayerPerturbation(nn.Module):
 
     def _perturb(self, slot: int, hidden: torch.Tensor) -> torch.Tensor | None:
         """The perturbed `hidden`, or None when this forward must stay clean."""
-        if self._coords is None or self._suspended or not torch.is_grad_enabled():
+        if self._coords is None or self._suspended or not (torch.is_grad_enabled() or self._forced):
             return None
         step, micro_step, rank = self._coords
         layer = self.layer_indices[slot] if slot < len(self.layer_indices) else -1
@@ -322,6 +323,17 @@ class LayerPerturbation(nn.Module):
                 handle.remove()
             self._handles.clear()
             self._coords = None
+
+    @contextlib.contextmanager
+    def forced(self) -> Iterator[None]:
+        """Let the hooks fire under ``torch.no_grad()`` too (σ calibration's noisy forwards); needs :meth:`active`."""
+        if not self._handles:
+            raise RuntimeError("LayerPerturbation.forced() must be used inside active().")
+        self._forced += 1
+        try:
+            yield
+        finally:
+            self._forced -= 1
 
     @contextlib.contextmanager
     def suspended(self) -> Iterator[None]:

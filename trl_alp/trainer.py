@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -12,6 +13,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
+from .calibration import FALLBACK_SIGMA, Calibration, calibrate_sigma, masked_k3_kl
 from .config import KL_CLAMP, ALPConfig, alp_defaults
 from .loss import (
     aggregate_loss,
@@ -157,13 +159,16 @@ class ALPGRPOTrainer(GRPOTrainer):
             )
         self._alp_skip_old_pass = False  # set while TRL's old-log-prob pass is to be skipped (see below)
         self._alp_capture_loss_logps = False
+        self.alp_calibration: dict | None = None  # σ₀ calibration (alp_init_sigma="auto"), saved in alp_state.json
+        self._alp_sigma_restored = False  # σ came from a checkpoint: never recalibrate
         self.add_callback(_SigmaGradCallback(self))
 
     def _build_perturbation(self, args: ALPConfig) -> LayerPerturbation:
         seed = args.seed if args.alp_noise_seed is None else args.alp_noise_seed
         self._alp_layers_path = None
+        init_sigma = FALLBACK_SIGMA if args.alp_init_sigma == "auto" else args.alp_init_sigma  # "auto": set later
         if not self.correction.perturbs:
-            return LayerPerturbation(torch.nn.ModuleList(), [], args.alp_init_sigma, learnable=False, seed=seed)
+            return LayerPerturbation(torch.nn.ModuleList(), [], init_sigma, learnable=False, seed=seed)
         layers_path, layers = find_decoder_layers(self.model, args.alp_layers_path)
         self._alp_layers_path = layers_path
         indices = parse_layer_spec(args.alp_layers, len(layers))
@@ -176,7 +181,7 @@ class ALPGRPOTrainer(GRPOTrainer):
         return LayerPerturbation(
             layers,
             indices,
-            init_sigma=args.alp_init_sigma,
+            init_sigma=init_sigma,
             learnable=args.alp_learn_sigma and (bool(indices) or final is not None),
             seed=seed,
             relative=args.alp_relative_sigma,
@@ -207,7 +212,77 @@ class ALPGRPOTrainer(GRPOTrainer):
     def _prepare_inputs(self, generation_batch):
         # Generation, old and reference log-prob passes run here: never perturbed.
         with self.alp_perturbation.suspended():
-            return super()._prepare_inputs(generation_batch)
+            inputs = super()._prepare_inputs(generation_batch)
+        if self._alp_calibration_due():
+            self.calibrate_sigma(inputs)
+        return inputs
+
+    # ---------------------------------------------------------------------------------- σ₀ calibration
+    def _alp_calibration_due(self) -> bool:
+        return (
+            self.args.alp_init_sigma == "auto"
+            and self.model.training
+            and self.alp_calibration is None
+            and not self._alp_sigma_restored
+            and self.alp_perturbation.log_sigma.numel() > 0
+        )
+
+    def calibrate_sigma(self, inputs: dict) -> dict:
+        """Set σ₀ of every perturbed layer from the first batch (``alp_init_sigma="auto"``), once per run.
+
+        Measures the k3 KL(μ‖π) between the clean training policy and the rollout log-probs, then bisects σ (no-grad
+        forwards with the noise forced on and drawn from fixed seeds, so the result is deterministic) until the
+        noise's own k3 KL(π‖π_σ) is ``alp_sigma_target`` times it; see `trl_alp.calibration`.
+        """
+        perturbation, mask = self.alp_perturbation, inputs["completion_mask"]
+        mask = mask * inputs["tool_mask"] if "tool_mask" in inputs else mask
+        rollout_logps = inputs.get("sampling_per_token_logps")
+        mask = mask * torch.isfinite(rollout_logps) if rollout_logps is not None else mask
+
+        def global_k3(log_ratio: torch.Tensor) -> float:
+            local = torch.stack(masked_k3_kl(log_ratio, mask, reduce=False))
+            total, count = self.accelerator.reduce(local, reduction="sum").tolist()
+            return total / count if count > 0 else math.nan
+
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            clean, _, _ = self._completion_logps(self.model, inputs)
+            if rollout_logps is None:
+                mismatch = math.nan
+            else:
+                mismatch = global_k3(clean - torch.nan_to_num(rollout_logps, nan=0.0, posinf=0.0, neginf=0.0))
+            if not perturbation.is_active:
+                stack.enter_context(perturbation.active(self.state.global_step, 0, self.accelerator.process_index))
+
+            def noise_kl(sigma: float) -> float:
+                perturbation.log_sigma.fill_(math.log(sigma))
+                with perturbation.forced():
+                    noisy, _, _ = self._completion_logps(self.model, inputs)
+                return global_k3(noisy - clean)
+
+            result: Calibration = calibrate_sigma(noise_kl, mismatch, self.args.alp_sigma_target)
+            perturbation.log_sigma.fill_(math.log(result.sigma))
+        if result.fallback:
+            logger.warning(
+                "alp_init_sigma='auto': the training–rollout mismatch KL on the first batch is %.3g (below the floor, "
+                "or no rollout log-probs): nothing to calibrate against, using σ₀ = %g.",
+                mismatch,
+                result.sigma,
+            )
+        else:
+            logger.info(
+                "alp_init_sigma='auto': mismatch k3 KL %.3g → σ₀ = %.4g (noise k3 KL %.3g, target %.3g, %d forwards)",
+                result.mismatch_kl,
+                result.sigma,
+                result.noise_kl,
+                result.target_kl,
+                result.forwards,
+            )
+        metrics = self._metrics["train"]
+        metrics["alp/sigma/calibrated"].append(result.sigma)
+        metrics["alp/sigma/calibration_mismatch_kl"].append(result.mismatch_kl)
+        metrics["alp/sigma/calibration_noise_kl"].append(result.noise_kl)
+        self.alp_calibration = result.to_dict()
+        return self.alp_calibration
 
     # ----------------------------------------------------------------------------------- rollout log-probs
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
@@ -504,13 +579,14 @@ class ALPGRPOTrainer(GRPOTrainer):
         }
 
     def alp_state(self) -> dict:
-        """σ and the perturbation setup, as saved in ``alp_state.json``."""
+        """σ, its calibration and the perturbation setup, as saved in ``alp_state.json``."""
         p = self.alp_perturbation
         return {
             "format_version": ALP_STATE_VERSION,
             **self.alp_setup(),
             "log_sigma": p.log_sigma.tolist(),
             "sigma": p.sigma.tolist(),
+            "calibration": self.alp_calibration,
         }
 
     def _write_alp_state(self, directory: str) -> None:
@@ -560,7 +636,10 @@ class ALPGRPOTrainer(GRPOTrainer):
             )
 
     def load_alp_state(self, state: dict, source: str = "the state") -> None:
-        """Restore σ from `state` (an ``alp_state.json``); refuse a state written for another perturbation setup."""
+        """Restore σ (and its calibration, never redone) from `state` (an ``alp_state.json``); refuse a state written
+        for another perturbation setup."""
         self._check_alp_setup(state, source)
         with torch.no_grad():
             self.alp_perturbation.log_sigma.copy_(torch.tensor(state["log_sigma"]))
+        self.alp_calibration = state.get("calibration")
+        self._alp_sigma_restored = True

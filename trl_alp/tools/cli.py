@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-USAGE = """usage: trl-alp {train,demo,plot,bench} [options]
+USAGE = """usage: trl-alp {train,demo,plot,bench,stress} [options]
 
   train   train with ALPGRPOTrainer: trl-alp train --config RECIPE [--flag value ...]
   demo    GRPO vs Bypass vs ALP on an embedded default (offline): trl-alp demo [--model tiny]
   plot    ratio-envelope PNG from run folders: trl-alp plot RUN_DIR [RUN_DIR ...] --output envelopes.png
   bench   ALPGRPOTrainer vs GRPOTrainer step time (and peak memory on CUDA): trl-alp bench [--model smollm2]
+  stress  mismatch stress test, corrections × mismatch cells × seeds: trl-alp stress --preset cpu [--workers 2]
 
 Run `trl-alp COMMAND --help` for the options of a command."""
 
@@ -360,12 +361,13 @@ def parse_train_args(argv: list[str]) -> TrainSetup:
     parser = _parser((TrainScriptArguments, ALPConfig, ModelConfig), "trl-alp train")
     alias = _value(argv, "model_name_or_path") or recipe.get("model_name_or_path")
     given = _given(argv) | set(recipe)
-    parser.set_defaults(**{k: v for k, v in ALIAS_DEFAULTS.get(alias, {}).items() if k not in given})
+    alias_defaults = {k: v for k, v in ALIAS_DEFAULTS.get(alias, {}).items() if k not in given}
+    parser.set_defaults(**alias_defaults)
     script, config, model_args = parser.parse_args_and_config(argv)
     if config.alp_recipe is not None:  # the parser passed every field: let the preset fill those not given
         from ..presets import rebuild_with_recipe
 
-        config = rebuild_with_recipe(config, given)
+        config = rebuild_with_recipe(config, given | set(alias_defaults))
     resume = _resume_path(config)
     rewards = [load_reward(name) for name in script.reward_funcs]
     tools = [_load_tool(name) for item in script.tools for name in item.split(",") if name]
@@ -460,7 +462,19 @@ def plot(argv: list[str]) -> Callable[[], None]:
     return run
 
 
-COMMANDS = {"train": train, "demo": demo, "plot": plot, "bench": bench}
+def stress(argv: list[str]) -> Callable[[], None]:
+    from .stress import StressArguments, run_stress
+
+    (args,) = _parser((StressArguments,), "trl-alp stress").parse_args_and_config(argv)
+
+    def run() -> None:
+        run_stress(args)
+        print(f"Report: {os.path.abspath(args.output_dir)}/results.md, results.json, phase_diagram.png, envelopes/")
+
+    return run
+
+
+COMMANDS = {"train": train, "demo": demo, "plot": plot, "bench": bench, "stress": stress}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,9 +86,6 @@ def number_format_reward(completions, **kwargs) -> list[float]:
     return [0.2 if last_number(_text(c)) is not None else 0.0 for c in completions]
 
 
-REWARD_FUNCS = {"correctness": correctness_reward, "number_format": number_format_reward}
-
-
 _OPERATORS = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
@@ -120,3 +117,32 @@ def calculator(expression: str) -> str:
     """
     value = _evaluate(ast.parse(expression, mode="eval").body)
     return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def digits_dataset(n: int = 256, seed: int = 0) -> Dataset:
+    """Short conversational prompts asking for a run of digits: the task of the stress test's tiny model.
+
+    A randomly initialised model emits digits in a few percent of its characters, so `digit_share_reward` starts low
+    and a tiny model learns it in tens of GRPO steps: a learnable signal in which a run can visibly improve or break.
+    """
+    rng = random.Random(seed)
+    rows = [
+        {"prompt": [{"role": "user", "content": f"Write the digits after {rng.randint(0, 99)}."}]} for _ in range(n)
+    ]
+    return Dataset.from_list(rows)
+
+
+def digit_share_reward(completions, **kwargs) -> list[float]:
+    """Share of the completion's non-space characters that are ASCII digits (0.0 for an empty completion)."""
+    rewards = []
+    for completion in completions:
+        chars = [c for c in _text(completion) if not c.isspace()]
+        rewards.append(sum(c in "0123456789" for c in chars) / len(chars) if chars else 0.0)
+    return rewards
+
+
+REWARD_FUNCS = {
+    "correctness": correctness_reward,
+    "number_format": number_format_reward,
+    "digit_share": digit_share_reward,
+}
