@@ -128,7 +128,10 @@ def test_reward_forms_like_trls_script(in_tmp):
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("nope", "unknown reward 'nope': use one of ['correctness', 'number_format', 'accuracy_reward'"),
+        (
+            "nope",
+            "unknown reward 'nope': use one of ['correctness', 'number_format', 'digit_share', 'accuracy_reward'",
+        ),
         ("no_such_module.f", "no module named 'no_such_module' in the current folder"),
         ("my_cli_rewards.missing", "module 'my_cli_rewards' has no function 'missing'"),
     ],

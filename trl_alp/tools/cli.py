@@ -463,9 +463,10 @@ def plot(argv: list[str]) -> Callable[[], None]:
 
 
 def stress(argv: list[str]) -> Callable[[], None]:
-    from .stress import StressArguments, run_stress
+    from .stress import StressArguments, check_device, run_stress
 
     (args,) = _parser((StressArguments,), "trl-alp stress").parse_args_and_config(argv)
+    check_device(args)
 
     def run() -> None:
         run_stress(args)

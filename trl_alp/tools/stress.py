@@ -616,14 +616,18 @@ def pending_jobs(args: StressArguments) -> tuple[list[tuple[str, str, int]], int
     return jobs, done
 
 
-def run_stress(args: StressArguments) -> dict:
-    """Run every missing (cell, correction, seed) of the grid, then write the report."""
-    preset = PRESETS[args.preset]
-    if not preset.use_cpu:
+def check_device(args: StressArguments) -> None:
+    """A GPU preset on a machine without CUDA is a setup error (before any run starts)."""
+    if not PRESETS[args.preset].use_cpu:
         import torch
 
         if not torch.cuda.is_available():
             raise ValueError(f"--preset {args.preset} needs a CUDA GPU (bf16 training); use --preset cpu here")
+
+
+def run_stress(args: StressArguments) -> dict:
+    """Run every missing (cell, correction, seed) of the grid, then write the report."""
+    check_device(args)
     jobs, done = pending_jobs(args)
     logger.info(
         "trl-alp stress: %d runs to do, %d already done (%s preset, %d cells × %d corrections × %d seeds, %d workers)",
