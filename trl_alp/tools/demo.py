@@ -210,10 +210,14 @@ def _log_estimate(args: DemoArguments, load_seconds: float, runs_left: int, seco
         seconds_per_step,
         steps_done,
         load_seconds,
-        f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min",
+        _duration(seconds),
         steps_left,
         runs_left,
     )
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def _json_safe(value):
@@ -275,9 +279,7 @@ def run_demo(args: DemoArguments) -> dict[str, dict[str, float]]:
         timings[correction] = time.perf_counter() - start
         trainer.save_state()
         run_dirs.append(run_dir)
-    logger.info(
-        "trl-alp demo: trained %d runs in %.1f min.", len(corrections), (time.perf_counter() - demo_start) / 60
-    )
+    logger.info("trl-alp demo: trained %d runs in %s.", len(corrections), _duration(time.perf_counter() - demo_start))
 
     rows = {c: {**summarize(d), "train_seconds": timings[c]} for c, d in zip(corrections, run_dirs, strict=True)}
     plot_envelopes(run_dirs, os.path.join(args.output_dir, "envelopes.png"), labels=corrections)
