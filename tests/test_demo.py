@@ -83,3 +83,17 @@ def test_estimate_comes_from_the_first_measured_steps(demo):
 
 def test_estimate_arithmetic():
     assert estimate_remaining_seconds(0.5, 10, 2.0, 3) == pytest.approx(11.0)
+
+
+def test_alp_runs_calibrate_sigma_and_the_others_keep_the_defaults(caplog):
+    from trl_alp.tools.demo import DemoArguments, _run_config
+
+    args = DemoArguments(model="tiny")
+    assert args.alp_init_sigma == "auto"
+    assert _run_config(args, "seq-alp", "unused").alp_init_sigma == "auto"
+    with caplog.at_level(logging.WARNING, logger="trl_alp"):
+        assert _run_config(args, "seq-bypass", "unused").alp_init_sigma == 0.02  # no "does not apply" warning
+    assert "do not apply" not in caplog.text
+    assert _run_config(DemoArguments(model="tiny", alp_init_sigma="0.02"), "seq-alp", "unused").alp_init_sigma == 0.02
+    with pytest.raises(ValueError, match="alp_init_sigma must be a number > 0 or 'auto'"):
+        DemoArguments(model="tiny", alp_init_sigma="big")

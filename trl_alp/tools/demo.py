@@ -45,10 +45,20 @@ class DemoArguments:
     rollout_dtype: str | None = field(
         default="bfloat16", metadata={"help": "Rollout precision ('bfloat16', 'float16', or 'none' for fp32)."}
     )
+    alp_init_sigma: str = field(
+        default="auto",
+        metadata={
+            "help": "σ₀ of the ALP runs: 'auto' (calibrated on the first batch to alp_sigma_target × the measured "
+            "training–rollout mismatch KL) or a number (the paper's single-turn value is 0.02)."
+        },
+    )
     output_dir: str = field(default="alp-demo", metadata={"help": "Report folder."})
     seed: int = field(default=0, metadata={"help": "Seed shared by every run."})
 
     def __post_init__(self):
+        from ..config import parse_init_sigma
+
+        self.alp_init_sigma = parse_init_sigma(self.alp_init_sigma)
         if self.model not in MODELS:
             raise ValueError(f"--model must be one of {list(MODELS)}, got {self.model!r}")
         if isinstance(self.rollout_dtype, str) and self.rollout_dtype.lower() == "none":
@@ -80,9 +90,10 @@ def estimate_remaining_seconds(
 
 
 def _run_config(args: DemoArguments, correction: str, output_dir: str):
-    from ..config import ALPConfig
+    from ..config import CORRECTIONS, ALPConfig
 
     smol = args.model == "smollm2"
+    sigma = {"alp_init_sigma": args.alp_init_sigma} if CORRECTIONS[correction].perturbs else {}
     return ALPConfig(
         output_dir=output_dir,
         correction=correction,
@@ -104,6 +115,7 @@ def _run_config(args: DemoArguments, correction: str, output_dir: str):
         seed=args.seed,
         alp_rollout_dtype=args.rollout_dtype,
         disable_tqdm=False,
+        **sigma,
     )
 
 
