@@ -86,14 +86,17 @@ def test_estimate_arithmetic():
 
 
 def test_alp_runs_calibrate_sigma_and_the_others_keep_the_defaults(caplog):
-    from trl_alp.tools.demo import DemoArguments, _run_config
+    from trl_alp.tools.demo import DemoArguments, _run_config, check_demo_args
 
     args = DemoArguments(model="tiny")
+    check_demo_args(args)
     assert args.alp_init_sigma == "auto"
     assert _run_config(args, "seq-alp", "unused").alp_init_sigma == "auto"
     with caplog.at_level(logging.WARNING, logger="trl_alp"):
         assert _run_config(args, "seq-bypass", "unused").alp_init_sigma == 0.02  # no "does not apply" warning
     assert "do not apply" not in caplog.text
-    assert _run_config(DemoArguments(model="tiny", alp_init_sigma="0.02"), "seq-alp", "unused").alp_init_sigma == 0.02
+    paper = DemoArguments(model="tiny", alp_init_sigma="0.02")
+    check_demo_args(paper)
+    assert _run_config(paper, "seq-alp", "unused").alp_init_sigma == 0.02
     with pytest.raises(ValueError, match="alp_init_sigma must be a number > 0 or 'auto'"):
-        DemoArguments(model="tiny", alp_init_sigma="big")
+        check_demo_args(DemoArguments(model="tiny", alp_init_sigma="big"))

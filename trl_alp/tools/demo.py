@@ -56,9 +56,6 @@ class DemoArguments:
     seed: int = field(default=0, metadata={"help": "Seed shared by every run."})
 
     def __post_init__(self):
-        from ..config import parse_init_sigma
-
-        self.alp_init_sigma = parse_init_sigma(self.alp_init_sigma)
         if self.model not in MODELS:
             raise ValueError(f"--model must be one of {list(MODELS)}, got {self.model!r}")
         if isinstance(self.rollout_dtype, str) and self.rollout_dtype.lower() == "none":
@@ -75,8 +72,9 @@ class DemoArguments:
 
 def check_demo_args(args: DemoArguments) -> None:
     """Checks that need the package's corrections (and so TRL): run before anything is trained or written."""
-    from ..config import CORRECTIONS
+    from ..config import CORRECTIONS, parse_init_sigma
 
+    args.alp_init_sigma = parse_init_sigma(args.alp_init_sigma)
     unknown = [c for c in args.correction_list if c not in CORRECTIONS]
     if unknown or not args.correction_list:
         raise ValueError(f"--corrections: unknown {unknown}; choose from {list(CORRECTIONS)}")
