@@ -1,21 +1,112 @@
-"""`trl-alp bench`: the JSON report is the only thing on stdout (logs and progress go to stderr)."""
+"""``trl-alp bench``: the README's command on the tiny model (each arm a fresh process), its JSON, and its meters."""
 
+import contextlib
+import io
 import json
+import math
+import os
 
 import pytest
 
+from trl_alp.tools.bench import PHASES, BenchArguments, PeakMemory, stats
 from trl_alp.tools.cli import main
+
+QUICK = ["--completions", "4", "--num_generations", "2", "--max_completion_length", "4", "--cycles", "1"]
+QUICK += ["--warmup", "0", "--repeats", "1", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def bench_json(tmp_path_factory):
+    """`trl-alp bench --model tiny --json` (quick: 4 completions of ≤ 4 tokens, one cycle, one round, profiled)."""
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["bench", "--model", "tiny", *QUICK, "--profile", "true"]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main([*argv, "--json", "--output_dir", str(out)]) == 0
+    return json.loads(stdout.getvalue()), out  # stdout holds the JSON only
 
 
 def test_bench_json_is_all_of_stdout(tmp_path, capfd):
-    argv = ["bench", "--model", "tiny", "--cycles", "1", "--warmup", "0", "--repeats", "1", "--json"]
-    assert main([*argv, "--max_completion_length", "8", "--output_dir", str(tmp_path)]) == 0
-    out = capfd.readouterr().out  # file-descriptor level: also what C/Rust extensions write
+    argv = ["bench", "--model", "tiny", *QUICK, "--scenarios", "no-correction", "--json"]
+    assert main([*argv, "--output_dir", str(tmp_path)]) == 0
+    out = capfd.readouterr().out  # file-descriptor level: also what C/Rust extensions and the arms' processes write
     results = json.loads(out)
     assert out == json.dumps(results, indent=2) + "\n"  # no blank line or anything else around it
+
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def test_bench_json_reports_every_phase_ratio_and_memory(bench_json):
+    results, _ = bench_json
+    assert results["device"] == "cpu" and results["threads"] == 1
+    assert "clear_refs" in results["memory_method"] or "sampled" in results["memory_method"]
     for scenario in ("no-correction", "old-logprobs"):
         row = results[scenario]
-        assert row["grpo_s"] > 0 and row["alp_s"] > 0
-        assert row["time_ratio"] == pytest.approx(row["alp_s"] / row["grpo_s"])
-        assert row["n_cycles"] == 1
-    assert results["device"] == "cpu"
+        for kind in ("grpo", "alp"):
+            arm = row[kind]
+            assert arm["finetune"] == "full" and arm["trainable_parameters"] > 0
+            for phase in ("whole_step_s", "generation_s", "training_s", "whole_step_cpu_s"):
+                assert _positive(arm[phase]["median"]) and arm[phase]["n"] == 1, (scenario, kind, phase)
+            assert arm["whole_step_s"]["median"] == pytest.approx(
+                arm["generation_s"]["median"] + arm["training_s"]["median"]
+            )
+            assert set(PHASES) <= set(arm)
+            assert arm["peak_bytes"]["median"] >= arm["baseline_bytes"]["median"] > 0
+            assert _positive(arm["peak_above_baseline_bytes"]["median"])
+        for name in (
+            "time_ratio",
+            "train_time_ratio",
+            "generation_time_ratio",
+            "memory_ratio",
+            "train_cpu_time_ratio",
+        ):
+            assert _positive(row[name]), (scenario, name)
+        assert row["time_ratio"] == pytest.approx(
+            row["alp"]["whole_step_s"]["median"] / row["grpo"]["whole_step_s"]["median"]
+        )
+        assert row["ratio_range"]["train_time_ratio"] == [pytest.approx(row["train_time_ratio"])] * 2  # one round
+    # GRPO computes old log-probs only when a generation serves several steps; ALP never does
+    assert results["no-correction"]["grpo"]["logprob_pass_s"]["median"] == 0.0
+    assert results["old-logprobs"]["grpo"]["logprob_pass_s"]["median"] > 0.0
+
+
+def test_bench_profile_finds_the_noise_in_training_only(bench_json):
+    results, out = bench_json
+    for scenario in ("no-correction", "old-logprobs"):
+        profile = results[scenario]["profile_extra"]
+        assert profile["noise_ms"]["training"] > 0  # the loss forward/backward is perturbed ...
+        assert profile["noise_ms"]["generation"] == 0  # ... generation and the no-grad passes never are
+        assert {"op", "alp_ms", "grpo_ms", "extra_ms"} <= set(profile["training"][0])
+    tables = sorted(p for p in os.listdir(out) if p.startswith("profile-"))
+    assert len(tables) == 4 and "Self CPU" in (out / tables[0]).read_text()
+
+
+def test_peak_memory_sees_an_allocation():
+    meter = PeakMemory(cuda=False)
+    baseline = meter.start()
+    block = b"\x01" * (64 * 2**20)  # every page written: resident
+    del block
+    assert meter.peak() - baseline >= 60 * 2**20
+    assert meter.method
+
+
+def test_stats_median_quartiles_and_range():
+    assert stats([4.0, 1.0, 3.0, 2.0, 5.0]) == {"median": 3.0, "q1": 2.0, "q3": 4.0, "min": 1.0, "max": 5.0, "n": 5}
+    assert stats([2.0])["q1"] == stats([2.0])["q3"] == 2.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"finetune": "qlora"}, "--finetune"),
+        ({"completions": 6, "num_generations": 4}, "--completions"),
+        ({"scenarios": "no-correction,fast"}, "--scenarios"),
+        ({"threads": -1}, "--threads"),
+        ({"repeats": 0}, "--repeats"),
+    ],
+)
+def test_bench_arguments_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        BenchArguments(**overrides)

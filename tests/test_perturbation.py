@@ -285,3 +285,36 @@ def test_noise_keeps_no_activation_memory():
     assert _saved_bytes(lambda: add_seeded_noise(hidden, sigma, seed=1)) == 0
     relative = _saved_bytes(lambda: add_seeded_noise(hidden, sigma, 1, hidden_rms(hidden)))
     assert relative == 4 * 64 * 4  # relative σ keeps only the per-token RMS: (B, S, 1) fp32
+
+
+def test_cached_generator_gives_the_same_noise_whatever_came_before_and_in_any_thread():
+    import threading
+
+    shape, device = torch.Size([3, 5, 7]), torch.device("cpu")
+    first = seeded_noise(shape, 11, device)
+    seeded_noise(torch.Size([1000]), 12, device)  # another site's draw in between
+    torch.testing.assert_close(seeded_noise(shape, 11, device), first, rtol=0, atol=0)
+    other: list[torch.Tensor] = []
+    thread = threading.Thread(target=lambda: other.append(seeded_noise(shape, 11, device)))
+    thread.start()
+    thread.join()
+    torch.testing.assert_close(other[0], first, rtol=0, atol=0)  # e.g. a backward run by another thread
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("relative", [False, True])
+def test_in_place_noise_path_equals_the_plain_formula_bit_for_bit(dtype, relative):
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 6, 16).to(dtype).requires_grad_()
+    sigma = torch.tensor([0.3], requires_grad=True)
+    scale = hidden_rms(hidden) if relative else None
+    out = add_seeded_noise(hidden, sigma, 5, scale)
+    eps = seeded_noise(hidden.shape, 5, hidden.device)
+    eps = eps * scale if relative else eps
+    expected = hidden.detach() + (sigma.detach() * eps).to(dtype)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.detach(), expected, rtol=0, atol=0)
+    grad = torch.randn(hidden.shape).to(dtype)
+    out.backward(grad)
+    torch.testing.assert_close(hidden.grad, grad, rtol=0, atol=0)  # d(h + σε)/dh = identity
+    torch.testing.assert_close(sigma.grad, (grad.double() * eps.double()).sum().float().reshape(1))

@@ -3,7 +3,7 @@
 The commands run in order, in one scratch folder (the `plot` example reads the run folder the first `train` example
 wrote). Quick variants: `train` stops after at most 2 steps (4 when it saves checkpoints, so a resume example has one
 to resume from) of 4 completions of ≤ 8 tokens for 1 prompt; `demo` runs the tiny model for 1 step of `seq-alp` (the SmolLM2 demo is the same code on another model; its loader is tested in test_models.py); `bench`
-measures 1 cycle, no warm-up, 1 repeat; `stress` trains one cell of one correction for one seed and step. Commands that need the Hugging Face Hub (for model or data) are only parsed
+measures 1 cycle, no warm-up, 1 repeat of 4 completions, full fine-tuning, one scenario; `stress` trains one cell of one correction for one seed and step. Commands that need the Hugging Face Hub (for model or data) are only parsed
 and validated (recipe, every field, rewards), with `--bf16 false --use_cpu true` for this CPU machine, and their test
 id says so.
 """
@@ -77,9 +77,11 @@ def _quick(argv: list[str]) -> list[str]:
             argv = _set(argv, flag, value)
         return _set(argv, "workers", "1")
     if command == "bench":
-        for flag, value in (("model", "tiny"), ("cycles", "1"), ("warmup", "0"), ("repeats", "1")):
+        quick = {"model": "tiny", "finetune": "full", "cycles": "1", "warmup": "0", "repeats": "1", "threads": "1"}
+        quick |= {"completions": "4", "num_generations": "2", "scenarios": "no-correction"}
+        for flag, value in quick.items():
             argv = _set(argv, flag, value)
-        return _set(argv, "max_completion_length", "8")
+        return _set(argv, "max_completion_length", "4")
     return argv
 
 

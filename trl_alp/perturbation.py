@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -164,9 +165,22 @@ def noise_seed(seed: int, step: int, micro_step: int, layer: int, rank: int) -> 
     return x & _MASK64
 
 
+_GENERATORS = threading.local()  # per thread (autograd may run backward in another thread): device -> Generator
+
+
 def seeded_noise(shape: torch.Size, seed: int, device: torch.device) -> torch.Tensor:
-    """Standard normal noise in fp32, fully determined by `seed`, `shape` and `device`."""
-    generator = torch.Generator(device=device)
+    """Standard normal noise in fp32, fully determined by `seed`, `shape` and `device`.
+
+    One cached generator per device and thread is reseeded for every draw (reseeding resets the whole state, so the
+    result does not depend on earlier draws).
+    """
+    device = torch.device(device)
+    cache = getattr(_GENERATORS, "by_device", None)
+    if cache is None:
+        cache = _GENERATORS.by_device = {}
+    generator = cache.get(device)
+    if generator is None:
+        generator = cache[device] = torch.Generator(device=device)
     generator.manual_seed(seed)
     return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
 
@@ -174,7 +188,9 @@ def seeded_noise(shape: torch.Size, seed: int, device: torch.device) -> torch.Te
 class _AddSeededNoise(torch.autograd.Function):
     """``h + σ · s · ε`` whose backward regenerates ε from its seed instead of saving it.
 
-    ``s`` is an optional detached per-token scale (relative σ); dL/dσ = Σ dL/dh' · s · ε.
+    ``s`` is an optional detached per-token scale (relative σ); dL/dσ = Σ dL/dh' · s · ε. The noise buffer is
+    scaled in place and becomes the output (fp32 hidden states) so no second hidden-sized tensor is allocated; the
+    values are those of ``hidden + (σ · s · ε).to(hidden.dtype)``.
     """
 
     @staticmethod
@@ -183,8 +199,11 @@ class _AddSeededNoise(torch.autograd.Function):
         ctx.save_for_backward(scale)
         noise = seeded_noise(hidden.shape, seed, hidden.device)
         if scale is not None:
-            noise = noise * scale
-        return hidden + (sigma.float() * noise).to(hidden.dtype)
+            noise.mul_(scale)
+        noise.mul_(sigma.float())
+        if hidden.dtype == torch.float32:
+            return noise.add_(hidden)
+        return hidden + noise.to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -193,8 +212,9 @@ class _AddSeededNoise(torch.autograd.Function):
             (scale,) = ctx.saved_tensors
             noise = seeded_noise(ctx.shape, ctx.seed, ctx.device)
             if scale is not None:
-                noise = noise * scale
-            grad_sigma = (grad_output.float() * noise).sum().reshape(1)
+                noise.mul_(scale)
+            # one fused reduction instead of a hidden-sized product followed by a sum
+            grad_sigma = torch.dot(grad_output.reshape(-1).float(), noise.reshape(-1)).reshape(1)
         return grad_output, grad_sigma, None, None
 
 

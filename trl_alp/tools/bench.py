@@ -1,66 +1,295 @@
 """``trl-alp bench``: the cost of ALP against TRL's `GRPOTrainer` on the user's own hardware.
 
-Two scenarios, same model, data and seed, runs interleaved (GRPO, ALP, GRPO, ALP, ...). The unit is one generation
-cycle (``num_iterations`` optimizer steps that share one generation), timed from TRL's per-step ``step_time``
-(generation included, since every user pays for it); the table shows the median cycle divided by its steps:
+Every *arm* (scenario × trainer) runs in a fresh process (``python -m trl_alp.tools.bench --worker SPEC``), so peak
+memory is its own and no allocator or cache state leaks between arms; arms are interleaved (GRPO, ALP, ALP, GRPO,
+...) over ``--repeats`` rounds so slow drifts of a shared machine hit both trainers alike. Each optimizer step is split:
 
-* ``no-correction``: GRPO with TRL's defaults (no old-log-prob pass) vs ``seq-alp``;
-* ``old-logprobs``: both with ``num_iterations=2``, where GRPO recomputes old log-probs and ALP does not.
+* **generation**: TRL's ``_prepare_inputs`` (sampling, rewards, advantages and the no-grad old/reference log-prob
+  passes; the rollout log-prob capture of ALP runs here too), amortised over the ``num_iterations`` steps that share
+  one generation;
+* **training**: the rest of the step, i.e. the loss forward and backward, gradient clipping and the optimizer step.
+  This is the part whose cost ALP owns (the noise);
+* **whole step**: ``on_step_begin`` to ``on_step_end``.
 
-Peak memory is reported on CUDA (``torch.cuda.max_memory_allocated``); on CPU it is not measured.
+Scenarios: ``no-correction`` is GRPO with TRL's defaults (no old-log-prob pass) against ``seq-alp``;
+``old-logprobs`` uses ``num_iterations=2`` for both, where GRPO recomputes old log-probs and ALP does not.
+
+Peak memory per arm, above the arm's post-load baseline (model, tokenizer and trainer built): on CUDA from
+``torch.cuda.max_memory_allocated``; on CPU the peak resident set size, read from ``VmHWM`` after resetting it through
+``/proc/self/clear_refs`` (Linux), else sampled every 5 ms. ``--profile`` also records a ``torch.profiler`` trace per
+arm and reports the ops that cost the most self time in each phase.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
+import os
+import platform
 import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import torch
-
-from .data import REWARD_FUNCS, arithmetic_dataset
-from .models import load_offline_model
+from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
 SCENARIOS = {"no-correction": {}, "old-logprobs": {"num_iterations": 2}}
+KINDS = ("grpo", "alp")
+FINETUNE = ("auto", "lora", "full")
+PHASES = (
+    "whole_step_s",
+    "generation_s",
+    "training_s",
+    "logprob_pass_s",
+    "whole_step_cpu_s",
+    "generation_cpu_s",
+    "training_cpu_s",
+)
+GENERATION_LABEL = "bench/generation"
+NOISE_OP = "_AddSeededNoise"  # the autograd Function of trl_alp.perturbation (its backward: ...Backward)
 
 
 @dataclass
 class BenchArguments:
     """Arguments of ``trl-alp bench``."""
 
-    model: str = field(default="tiny", metadata={"help": "'tiny', 'smollm2' (LoRA), or a local model path (LoRA)."})
-    cycles: int = field(default=3, metadata={"help": "Measured generation cycles per run (after the warm-up)."})
-    warmup: int = field(default=1, metadata={"help": "Warm-up generation cycles per run, not measured."})
-    repeats: int = field(default=2, metadata={"help": "Interleaved repetitions of every run."})
-    max_completion_length: int = field(default=32, metadata={"help": "Tokens per completion."})
+    model: str = field(default="tiny", metadata={"help": "'tiny', 'smollm2', or a local model folder."})
+    finetune: str = field(
+        default="auto",
+        metadata={"help": "'lora' (r=16, all linear layers), 'full', or 'auto' (tiny: full, otherwise LoRA)."},
+    )
+    completions: int = field(default=64, metadata={"help": "Completions per optimizer step (batch size)."})
+    num_generations: int = field(default=8, metadata={"help": "Completions per prompt (GRPO group size)."})
+    max_completion_length: int = field(default=32, metadata={"help": "Maximum tokens per completion."})
+    cycles: int = field(default=2, metadata={"help": "Measured generation cycles per arm (after the warm-up)."})
+    warmup: int = field(default=1, metadata={"help": "Warm-up generation cycles per arm, not measured."})
+    repeats: int = field(default=3, metadata={"help": "Interleaved rounds; every arm runs once per round."})
+    scenarios: str = field(
+        default="no-correction,old-logprobs", metadata={"help": f"Comma-separated subset of {list(SCENARIOS)}."}
+    )
+    threads: int = field(
+        default=0,
+        metadata={
+            "help": "torch intra-op threads per arm (0: torch's default). On a CPU shared with other jobs, 1 avoids "
+            "parallel ops waiting for a descheduled thread."
+        },
+    )
+    profile: bool = field(
+        default=False,
+        metadata={"help": "Also trace every arm with torch.profiler (slower; timings include its overhead)."},
+    )
     json: bool = field(default=False, metadata={"help": "Print the results as JSON instead of a table."})
-    output_dir: str = field(default="runs/bench", metadata={"help": "Scratch folder for the runs."})
+    output_dir: str = field(default="runs/bench", metadata={"help": "Scratch folder for the runs and profiles."})
 
     def __post_init__(self):
-        for name in ("cycles", "repeats"):
+        for name in ("cycles", "repeats", "completions", "num_generations", "max_completion_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        for name in ("warmup", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.completions % self.num_generations:
+            raise ValueError(
+                f"--completions ({self.completions}) must be a multiple of --num_generations ({self.num_generations})"
+            )
+        if self.finetune not in FINETUNE:
+            raise ValueError(f"--finetune must be one of {list(FINETUNE)}, got {self.finetune!r}")
+        unknown = [s for s in self.scenario_list if s not in SCENARIOS]
+        if unknown or not self.scenario_list:
+            raise ValueError(
+                f"--scenarios must be a comma-separated subset of {list(SCENARIOS)}, got {self.scenarios!r}"
+            )
+
+    @property
+    def scenario_list(self) -> list[str]:
+        return [s.strip() for s in self.scenarios.split(",") if s.strip()]
 
 
-def _run(args: BenchArguments, kind: str, scenario: str) -> tuple[list[float], int | None]:
+# ------------------------------------------------------------------------------------------------- one arm (worker)
+class PeakMemory:
+    """Peak memory of this process above a baseline taken at :meth:`start`."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self._samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.method = "torch.cuda.max_memory_allocated" if cuda else ""
+
+    @staticmethod
+    def _status_kib(key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+        raise KeyError(key)
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            return PeakMemory._status_kib("VmRSS") * 1024
+        except OSError:
+            import psutil
+
+            return psutil.Process().memory_info().rss
+
+    def start(self) -> int:
+        """Take the baseline, reset the peak; returns the baseline in bytes."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+        baseline = self._rss()
+        try:  # "5" resets the kernel's peak-RSS counter (VmHWM) to the current RSS
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.method = "peak RSS (VmHWM, reset through /proc/self/clear_refs) above the post-load RSS"
+        except OSError:
+            self.method = "peak RSS sampled every 5 ms above the post-load RSS"
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return baseline
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self._samples.append(self._rss())
+
+    def peak(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            return max(self._samples, default=self._rss())
+        return self._status_kib("VmHWM") * 1024
+
+
+class StepTimer(TrainerCallback):
+    """Times each optimizer step and, inside it, the generation phase and its no-grad log-prob passes.
+
+    Wall time and this process's CPU time (all its threads): on a shared machine the CPU time is the steadier
+    measure of the work done, the wall time what a user waits for.
+    """
+
+    def __init__(self, trainer, cuda: bool):
+        self.cuda = cuda
+        self.steps: list[dict] = []
+        self._begin = (0.0, 0.0)
+        self._generation = [0.0, 0.0]
+        self._logprob = 0.0
+        self._in_prepare = False
+        # the Trainer looks both methods up on the instance: wrap them there
+        self._prepare, self._logps = trainer._prepare_inputs, trainer._get_per_token_logps_and_entropies
+        trainer._prepare_inputs = self._timed_prepare
+        trainer._get_per_token_logps_and_entropies = self._timed_logps
+        trainer.add_callback(self)
+
+    def _now(self) -> tuple[float, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter(), time.process_time()
+
+    def _timed_prepare(self, *args, **kwargs):
+        start = self._now()
+        self._in_prepare = True
+        try:
+            with torch.profiler.record_function(GENERATION_LABEL):
+                return self._prepare(*args, **kwargs)
+        finally:
+            self._in_prepare = False
+            end = self._now()
+            self._generation = [g + e - s for g, e, s in zip(self._generation, end, start)]
+
+    def _timed_logps(self, *args, **kwargs):
+        if not self._in_prepare:  # the loss forward: part of training
+            return self._logps(*args, **kwargs)
+        start = self._now()[0]
+        try:
+            return self._logps(*args, **kwargs)
+        finally:
+            self._logprob += self._now()[0] - start
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._generation, self._logprob = [0.0, 0.0], 0.0
+        self._begin = self._now()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        wall, cpu = (e - s for e, s in zip(self._now(), self._begin))
+        self.steps.append(
+            {
+                "whole_step_s": wall,
+                "generation_s": self._generation[0],
+                "training_s": wall - self._generation[0],
+                "logprob_pass_s": self._logprob,
+                "whole_step_cpu_s": cpu,
+                "generation_cpu_s": self._generation[1],
+                "training_cpu_s": cpu - self._generation[1],
+            }
+        )
+
+
+class ProfileMeasuredSteps(TrainerCallback):
+    """Starts the profiler when the warm-up steps are done."""
+
+    def __init__(self, profiler, warmup_steps: int):
+        self.profiler, self.warmup_steps = profiler, warmup_steps
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup_steps:
+            self.profiler.start()
+
+
+def _phase_profile(prof, steps: int) -> dict:
+    """Per phase (generation / training = the rest of the step): the self CPU time of every op, and the inclusive
+    time of ALP's noise (``_AddSeededNoise`` forward and backward), in ms per step."""
+    self_ms: dict[str, dict[str, float]] = {"generation": defaultdict(float), "training": defaultdict(float)}
+    noise_ms = {"generation": 0.0, "training": 0.0}
+    for event in prof.events():
+        if event.name == GENERATION_LABEL:
+            continue
+        parent, phase = event.cpu_parent, "training"
+        while parent is not None:
+            if parent.name == GENERATION_LABEL:
+                phase = "generation"
+                break
+            parent = parent.cpu_parent
+        self_ms[phase][event.name] += event.self_cpu_time_total / 1000 / steps
+        if event.name.startswith(NOISE_OP):
+            noise_ms[phase] += event.cpu_time_total / 1000 / steps
+    return {**{phase: dict(ops) for phase, ops in self_ms.items()}, "noise_ms": noise_ms}
+
+
+def run_arm(spec: dict) -> dict:
+    """Train one arm in this process and return its per-step timings and peak memory."""
+    from peft import LoraConfig
+    from transformers import PrinterCallback, ProgressCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from ..config import ALPConfig
     from ..trainer import ALPGRPOTrainer
+    from .data import REWARD_FUNCS, arithmetic_dataset
+    from .models import load_offline_model
 
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
     cuda = torch.cuda.is_available()
-    cycle = SCENARIOS[scenario].get("num_iterations", 1)
+    cycle = SCENARIOS[spec["scenario"]].get("num_iterations", 1)
+    steps = (spec["warmup"] + spec["cycles"]) * cycle
     settings = dict(
-        output_dir=f"{args.output_dir}/{scenario}-{kind}",
-        max_steps=(args.warmup + args.cycles) * cycle,
-        per_device_train_batch_size=8,
-        num_generations=8,
-        max_completion_length=args.max_completion_length,
+        output_dir=os.path.join(spec["output_dir"], f"{spec['scenario']}-{spec['kind']}"),
+        max_steps=steps,
+        per_device_train_batch_size=spec["completions"],
+        num_generations=spec["num_generations"],
+        max_completion_length=spec["max_completion_length"],
         learning_rate=1e-5,
         logging_steps=1,
         save_strategy="no",
@@ -69,70 +298,252 @@ def _run(args: BenchArguments, kind: str, scenario: str) -> tuple[list[float], i
         use_cpu=not cuda,
         seed=0,
         disable_tqdm=True,
-        **SCENARIOS[scenario],
+        **SCENARIOS[spec["scenario"]],
     )
-    config = GRPOConfig(**settings) if kind == "grpo" else ALPConfig(correction="seq-alp", **settings)
-    model, tokenizer, lora = load_offline_model(args.model)
-    trainer_cls = GRPOTrainer if kind == "grpo" else ALPGRPOTrainer
-    trainer = trainer_cls(
+    config = GRPOConfig(**settings) if spec["kind"] == "grpo" else ALPConfig(correction="seq-alp", **settings)
+    model, tokenizer, lora = load_offline_model(spec["model"])
+    finetune = spec["finetune"]
+    if finetune == "full":
+        lora = None
+    elif finetune == "lora" and lora is None:
+        lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    prompts = steps // cycle * spec["completions"] // spec["num_generations"]
+    trainer = (GRPOTrainer if spec["kind"] == "grpo" else ALPGRPOTrainer)(
         model=model,
         reward_funcs=REWARD_FUNCS["number_format"],
         args=config,
-        train_dataset=arithmetic_dataset(64),
+        train_dataset=arithmetic_dataset(max(64, prompts)),
         processing_class=tokenizer,
         peft_config=lora,
     )
-    from transformers import PrinterCallback, ProgressCallback
-
-    for callback in (PrinterCallback, ProgressCallback):  # keep stdout for the table / JSON
+    for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    steps = [h["step_time"] for h in trainer.state.log_history if "step_time" in h][args.warmup * cycle :]
-    times = [sum(steps[i : i + cycle]) / cycle for i in range(0, len(steps), cycle)]  # per-step time of each cycle
-    peak = torch.cuda.max_memory_allocated() if cuda else None
-    del trainer, model
-    if cuda:
-        torch.cuda.empty_cache()
-    return times, peak
+    timer = StepTimer(trainer, cuda)
+
+    memory = PeakMemory(cuda)
+    profiler = None
+    if spec["profile"]:
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        profiler = torch.profiler.profile(activities=activities)
+        trainer.add_callback(ProfileMeasuredSteps(profiler, spec["warmup"] * cycle))
+    baseline = memory.start()
+    try:
+        trainer.train()
+    finally:
+        if profiler is not None and profiler.profiler is not None:
+            profiler.stop()
+    peak = memory.peak()
+
+    measured = timer.steps[spec["warmup"] * cycle :]
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    result = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "finetune": "lora" if lora is not None else "full",
+        "threads": torch.get_num_threads(),
+        # one record per generation cycle: the per-step mean of each phase over the cycle's steps
+        "cycles": [
+            {phase: statistics.fmean(s[phase] for s in measured[i : i + cycle]) for phase in PHASES}
+            for i in range(0, len(measured), cycle)
+        ],
+        "mean_completion_tokens": statistics.fmean(lengths[spec["warmup"] * cycle :] or lengths or [0.0]),
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "baseline_bytes": baseline,
+        "peak_bytes": peak,
+        "peak_above_baseline_bytes": peak - baseline,
+        "memory_method": memory.method,
+    }
+    if spec["profile"]:
+        phases = _phase_profile(profiler, spec["cycles"] * cycle)
+        path = os.path.join(spec["output_dir"], f"profile-{spec['scenario']}-{spec['kind']}-r{spec['repeat']}.txt")
+        with open(path, "w") as f:
+            f.write(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+        result["profile"] = {"file": path, **phases}
+    return result
+
+
+def _worker_main(argv: list[str]) -> None:
+    """``python -m trl_alp.tools.bench --worker SPEC.json``: run one arm, write its result next to the spec."""
+    if len(argv) != 2 or argv[0] != "--worker":
+        raise SystemExit("usage: python -m trl_alp.tools.bench --worker SPEC.json")
+    os.dup2(2, 1)  # the parent's stdout belongs to its table / JSON: everything of the worker goes to stderr
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with open(argv[1]) as f:
+        spec = json.load(f)
+    result = run_arm(spec)
+    with open(spec["result"], "w") as f:
+        json.dump(result, f)
+
+
+# ------------------------------------------------------------------------------------------- all arms (parent)
+def _spawn(spec: dict, workdir: str) -> dict:
+    name = f"{spec['scenario']}-{spec['kind']}-r{spec['repeat']}"
+    spec_path = os.path.join(workdir, f"{name}.spec.json")
+    spec = {**spec, "result": os.path.join(workdir, f"{name}.result.json")}
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    done = subprocess.run([sys.executable, "-m", "trl_alp.tools.bench", "--worker", spec_path], check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench arm {name} failed (exit status {done.returncode}); its log is above.")
+    with open(spec["result"]) as f:
+        return json.load(f)
+
+
+def stats(values: list[float]) -> dict:
+    """Median, quartiles and range of `values`."""
+    if len(values) > 1:
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    else:
+        q1 = q3 = values[0]
+    return {
+        "median": statistics.median(values),
+        "q1": q1,
+        "q3": q3,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def _summarise_arm(runs: list[dict]) -> dict:
+    cycles = [c for run in runs for c in run["cycles"]]
+    arm = {phase: stats([c[phase] for c in cycles]) for phase in PHASES}
+    for key in ("peak_above_baseline_bytes", "peak_bytes", "baseline_bytes"):
+        arm[key] = stats([float(run[key]) for run in runs])
+    arm["mean_completion_tokens"] = statistics.fmean(run["mean_completion_tokens"] for run in runs)
+    arm["trainable_parameters"] = runs[0]["trainable_parameters"]
+    arm["finetune"] = runs[0]["finetune"]
+    return arm
+
+
+def _ratio(alp: dict, grpo: dict, key: str) -> float:
+    return alp[key]["median"] / grpo[key]["median"] if grpo[key]["median"] > 0 else float("nan")
+
+
+def _profile_extra(alp_runs: list[dict], grpo_runs: list[dict], top: int = 10) -> dict[str, list]:
+    """Ops with the largest extra self time per step under ALP, per phase (mean over the repeats)."""
+    out = {}
+    for phase in ("generation", "training"):
+        mean: dict[str, dict[str, float]] = {}
+        for kind, runs in (("alp", alp_runs), ("grpo", grpo_runs)):
+            ops: dict[str, float] = defaultdict(float)
+            for run in runs:
+                for name, ms in run["profile"][phase].items():
+                    ops[name] += ms / len(runs)
+            mean[kind] = ops
+        names = set(mean["alp"]) | set(mean["grpo"])
+        extra = [(n, mean["alp"].get(n, 0.0), mean["grpo"].get(n, 0.0)) for n in names]
+        extra.sort(key=lambda t: t[2] - t[1])
+        out[phase] = [{"op": n, "alp_ms": a, "grpo_ms": g, "extra_ms": a - g} for n, a, g in extra[:top]]
+    out["noise_ms"] = {
+        phase: statistics.fmean(run["profile"]["noise_ms"][phase] for run in alp_runs)
+        for phase in ("generation", "training")
+    }
+    return out
 
 
 def run_bench(args: BenchArguments) -> dict:
-    """Run every scenario, interleaved; return medians, ratios and peaks."""
-    samples: dict[tuple[str, str], list[float]] = {}
-    peaks: dict[tuple[str, str], int | None] = {}
-    for repeat in range(args.repeats):
-        for scenario in SCENARIOS:
-            for kind in ("grpo", "alp"):
-                logger.warning("bench: repeat %d/%d, %s, %s", repeat + 1, args.repeats, scenario, kind)
-                times, peak = _run(args, kind, scenario)
-                samples.setdefault((scenario, kind), []).extend(times)
-                if peak is not None:
-                    peaks[(scenario, kind)] = max(peak, peaks.get((scenario, kind)) or 0)
-    results = {"args": asdict(args), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-    for scenario in SCENARIOS:
-        grpo = statistics.median(samples[(scenario, "grpo")])
-        alp = statistics.median(samples[(scenario, "alp")])
-        row = {"grpo_s": grpo, "alp_s": alp, "time_ratio": alp / grpo, "n_cycles": len(samples[(scenario, "alp")])}
-        if (scenario, "alp") in peaks:
-            row["grpo_peak_bytes"] = peaks[(scenario, "grpo")]
-            row["alp_peak_bytes"] = peaks[(scenario, "alp")]
-            row["memory_ratio"] = peaks[(scenario, "alp")] / peaks[(scenario, "grpo")]
+    """Run every arm in a fresh process, interleaved over the repeats; return per-phase statistics and ratios."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    base = {k: v for k, v in asdict(args).items() if k not in ("json", "repeats", "scenarios")}
+    load_before = os.getloadavg()
+    runs: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=args.output_dir) as workdir:
+        for repeat in range(args.repeats):
+            kinds = KINDS if repeat % 2 == 0 else KINDS[::-1]  # ABBA order: drifts hit both trainers alike
+            for scenario in args.scenario_list:
+                for kind in kinds:
+                    logger.warning("bench: round %d/%d, %s, %s", repeat + 1, args.repeats, scenario, kind)
+                    spec = {**base, "scenario": scenario, "kind": kind, "repeat": repeat}
+                    runs[(scenario, kind)].append(_spawn(spec, workdir))
+    first = runs[(args.scenario_list[0], "grpo")][0]
+    results = {
+        "args": asdict(args),
+        "device": first["device"],
+        "threads": first["threads"],
+        "memory_method": first["memory_method"],
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "load_average_before": list(load_before),
+            "load_average_after": list(os.getloadavg()),
+        },
+        "date": datetime.date.today().isoformat(),
+        "wall_s": time.perf_counter() - started,
+    }
+    for scenario in args.scenario_list:
+        grpo_runs, alp_runs = runs[(scenario, "grpo")], runs[(scenario, "alp")]
+        grpo, alp = _summarise_arm(grpo_runs), _summarise_arm(alp_runs)
+        paired = [(_summarise_arm([g]), _summarise_arm([a])) for g, a in zip(grpo_runs, alp_runs)]
+        row = {
+            "grpo": grpo,
+            "alp": alp,
+            "time_ratio": _ratio(alp, grpo, "whole_step_s"),
+            "train_time_ratio": _ratio(alp, grpo, "training_s"),
+            "generation_time_ratio": _ratio(alp, grpo, "generation_s"),
+            "cpu_time_ratio": _ratio(alp, grpo, "whole_step_cpu_s"),
+            "train_cpu_time_ratio": _ratio(alp, grpo, "training_cpu_s"),
+            "memory_ratio": _ratio(alp, grpo, "peak_above_baseline_bytes"),
+            # range of the ratio over the rounds (each round pairs one GRPO and one ALP process)
+            "ratio_range": {
+                name: [min(r), max(r)]
+                for name, key in (
+                    ("time_ratio", "whole_step_s"),
+                    ("train_time_ratio", "training_s"),
+                    ("cpu_time_ratio", "whole_step_cpu_s"),
+                    ("train_cpu_time_ratio", "training_cpu_s"),
+                    ("memory_ratio", "peak_above_baseline_bytes"),
+                )
+                for r in [[_ratio(a, g, key) for g, a in paired]]
+            },
+        }
+        if args.profile:
+            row["profile_extra"] = _profile_extra(alp_runs, grpo_runs)
         results[scenario] = row
     return results
 
 
+def _fmt(s: dict, scale: float = 1.0, digits: int = 3) -> str:
+    return f"{s['median'] * scale:.{digits}f} [{s['min'] * scale:.{digits}f}–{s['max'] * scale:.{digits}f}]"
+
+
 def format_table(results: dict) -> str:
+    """A Markdown table: per scenario one row per trainer and one row of ALP/GRPO ratios (median [range over
+    rounds])."""
+    args = results["args"]
+    scenarios = [s.strip() for s in args["scenarios"].split(",") if s.strip()]
+    finetune = results[scenarios[0]]["grpo"]["finetune"]
+    columns = ("whole_step_s", "generation_s", "training_s", "training_cpu_s")
+    ratio_of = {
+        "whole_step_s": "time_ratio",
+        "generation_s": "generation_time_ratio",
+        "training_s": "train_time_ratio",
+        "training_cpu_s": "train_cpu_time_ratio",
+    }
     lines = [
-        f"device: {results['device']}, model: {results['args']['model']}",
-        "| scenario | GRPO s/step | ALP s/step | ALP/GRPO time | ALP/GRPO peak memory |",
-        "|---|---|---|---|---|",
+        f"device: {results['device']} ({results['threads']} threads), model: {args['model']} ({finetune}), "
+        f"{args['completions']} completions × ≤{args['max_completion_length']} tokens, {args['repeats']} rounds × "
+        f"{args['cycles']} cycles; seconds per optimizer step, median [min–max]; memory: {results['memory_method']}; "
+        f"load average {results['machine']['load_average_before'][0]:.1f} → "
+        f"{results['machine']['load_average_after'][0]:.1f} on {results['machine']['cpu_count']} CPUs",
+        "| scenario | trainer | whole step s | generation s | training s | training CPU s | peak memory MiB | tokens |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for scenario in SCENARIOS:
-        r = results[scenario]
-        memory = f"{r['memory_ratio']:.3f}" if "memory_ratio" in r else "not measured (CPU)"
-        lines.append(f"| {scenario} | {r['grpo_s']:.3f} | {r['alp_s']:.3f} | {r['time_ratio']:.3f} | {memory} |")
+    for scenario in scenarios:
+        row = results[scenario]
+        for kind in KINDS:
+            arm = row[kind]
+            cells = [_fmt(arm[c]) for c in columns] + [_fmt(arm["peak_above_baseline_bytes"], 2**-20, 0)]
+            lines.append(
+                f"| {scenario} | {kind.upper()} | {' | '.join(cells)} | {arm['mean_completion_tokens']:.1f} |"
+            )
+        ranges = row["ratio_range"]
+        cells = []
+        for name in [ratio_of[c] for c in columns] + ["memory_ratio"]:
+            span = f" [{ranges[name][0]:.3f}–{ranges[name][1]:.3f}]" if name in ranges else ""
+            cells.append(f"**{row[name]:.3f}**{span}")
+        lines.append(f"| {scenario} | ALP/GRPO | {' | '.join(cells)} | |")
     return "\n".join(lines)
 
 
@@ -140,3 +551,7 @@ def main(args: BenchArguments) -> dict:
     results = run_bench(args)
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     return results
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1:])
