@@ -213,8 +213,9 @@ class _AddSeededNoise(torch.autograd.Function):
             noise = seeded_noise(ctx.shape, ctx.seed, ctx.device)
             if scale is not None:
                 noise.mul_(scale)
-            # one fused reduction instead of a hidden-sized product followed by a sum
-            grad_sigma = torch.dot(grad_output.reshape(-1).float(), noise.reshape(-1)).reshape(1)
+            # a hidden-sized product then a sum (not a fused dot: its other summation order changes σ's gradient in
+            # the last bits, and with it every later step of a run)
+            grad_sigma = (grad_output.float() * noise).sum().reshape(1)
         return grad_output, grad_sigma, None, None
 
 
