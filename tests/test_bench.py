@@ -14,10 +14,11 @@ from trl_alp.tools.cli import main
 
 @pytest.fixture(scope="module")
 def bench_json(tmp_path_factory):
-    """`trl-alp bench --model tiny --json` (quick: 4 completions of ≤ 4 tokens, one cycle, one round, profiled)."""
+    """The README's bench commands, in a quick tiny variant (4 completions of ≤ 4 tokens, one cycle, one round)."""
     out = tmp_path_factory.mktemp("bench")
     argv = ["bench", "--model", "tiny", "--completions", "4", "--num_generations", "2", "--max_completion_length", "4"]
     argv += ["--cycles", "1", "--warmup", "0", "--repeats", "1", "--threads", "1", "--profile", "true"]
+    argv += ["--finetune", "full", "--scenarios", "no-correction,old-logprobs"]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert main([*argv, "--json", "--output_dir", str(out)]) == 0

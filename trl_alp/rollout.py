@@ -1,8 +1,8 @@
 """Rollout log-probs on the ``transformers`` generate path, and an induced-mismatch rollout engine.
 
 TRL stores rollout log-probs only on the vLLM path. On the ``generate`` path this module adds a logits processor
-that keeps the previous step's scores and their log-sum-exp (never the whole history) and, when the next step shows
-which token was sampled, gathers that token's log-prob.
+that keeps the previous step's log-softmax (one ``batch × vocab`` fp32 tensor, never the whole history) and, when
+the next step shows which token was sampled, gathers that token's log-prob.
 
 Which distribution is recorded. ``generate`` runs custom logits processors after its own processors (repetition
 penalty, suppressed tokens, ...) and before the sampling warpers (temperature, top-k, top-p, min-p). The recorder
@@ -32,12 +32,7 @@ ROLLOUT_WEIGHT_BITS = (4, 8)
 
 
 class SampledLogprobRecorder(LogitsProcessor):
-    """Logits processor that records ``log softmax(scores / temperature)`` of each sampled token.
-
-    Per step it computes only the log-sum-exp over the vocabulary and keeps a reference to the step's scores (no
-    ``batch × vocab`` log-softmax is written); the sampled token's log-prob ``score / T − logsumexp`` is gathered
-    when the next step (or :meth:`finish`) shows which token it was.
-    """
+    """Logits processor that records ``log softmax(scores / temperature)`` of each sampled token."""
 
     def __init__(self, temperature: float = 1.0):
         if not temperature > 0:
@@ -46,30 +41,22 @@ class SampledLogprobRecorder(LogitsProcessor):
         self.reset()
 
     def reset(self) -> None:
-        self._pending: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (scores, their version, logsumexp)
+        self._pending: torch.Tensor | None = None
         self._steps: list[torch.Tensor] = []
         self.results: list[torch.Tensor] = []  # one (batch, new_tokens) tensor per finished `generate` call
 
-    def _sampled_logps(self, tokens: torch.LongTensor) -> torch.Tensor:
-        scores, version, logsumexp = self._pending
-        if scores._version != version:
-            raise RuntimeError(
-                "A logits processor or warper modified the scores in place after SampledLogprobRecorder ran, so "
-                "the sampled tokens' log-probs cannot be recovered; make that processor return a new tensor."
-            )
-        return (scores.gather(-1, tokens).float() / self.temperature - logsumexp).squeeze(-1)
-
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self._pending is not None:  # the last column of input_ids is the token sampled from `_pending`
-            self._steps.append(self._sampled_logps(input_ids[:, -1:]))
+            self._steps.append(self._pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
         scaled = scores.float() if self.temperature == 1.0 else scores.float() / self.temperature
-        self._pending = (scores, scores._version, torch.logsumexp(scaled, dim=-1, keepdim=True))
+        # one fused log_softmax kernel: on CPU it beats a logsumexp-only variant (a composite of four kernels)
+        self._pending = torch.log_softmax(scaled, dim=-1)
         return scores
 
     def finish(self, sequences: torch.LongTensor) -> torch.Tensor:
         """Close one ``generate`` call: gather the final token and return ``(batch, new_tokens)`` log-probs."""
         if self._pending is not None:
-            self._steps.append(self._sampled_logps(sequences[:, -1:]))
+            self._steps.append(self._pending.gather(-1, sequences[:, -1:]).squeeze(-1))
         logps = torch.stack(self._steps, dim=1) if self._steps else sequences.new_zeros((sequences.size(0), 0)).float()
         self._pending, self._steps = None, []
         self.results.append(logps)
