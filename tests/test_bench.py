@@ -17,9 +17,10 @@ QUICK += ["--warmup", "0", "--repeats", "1", "--threads", "1"]
 
 @pytest.fixture(scope="module")
 def bench_json(tmp_path_factory):
-    """`trl-alp bench --model tiny --json` (quick: 4 completions of ≤ 4 tokens, one cycle, one round, profiled)."""
+    """The README's bench commands, in a quick tiny variant (4 completions of ≤ 4 tokens, one cycle, one round)."""
     out = tmp_path_factory.mktemp("bench")
     argv = ["bench", "--model", "tiny", *QUICK, "--profile", "true"]
+    argv += ["--finetune", "full", "--scenarios", "no-correction,old-logprobs"]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert main([*argv, "--json", "--output_dir", str(out)]) == 0

@@ -122,7 +122,7 @@ class PeakMemory:
         self._samples: list[int] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.method = "torch.cuda.max_memory_allocated" if cuda else ""
+        self.method = "torch.cuda.max_memory_allocated above the post-load memory_allocated" if cuda else ""
 
     @staticmethod
     def _status_kib(key: str) -> int:
@@ -498,8 +498,17 @@ def run_bench(args: BenchArguments) -> dict:
                 for r in [[_ratio(a, g, key) for g, a in paired]]
             },
         }
+        # every arm process's own record, round by round (the profiles stay in their files)
+        row["runs"] = {
+            kind: [{k: v for k, v in run.items() if k != "profile"} for run in kind_runs]
+            for kind, kind_runs in (("grpo", grpo_runs), ("alp", alp_runs))
+        }
         if args.profile:
             row["profile_extra"] = _profile_extra(alp_runs, grpo_runs)
+            row["profile_files"] = {
+                "grpo": [r["profile"]["file"] for r in grpo_runs],
+                "alp": [r["profile"]["file"] for r in alp_runs],
+            }
         results[scenario] = row
     return results
 
