@@ -381,11 +381,15 @@ def _spawn(spec: dict, workdir: str) -> dict:
     spec = {**spec, "result": os.path.join(workdir, f"{name}.result.json")}
     with open(spec_path, "w") as f:
         json.dump(spec, f)
+    load_before = os.getloadavg()[0]
     done = subprocess.run([sys.executable, "-m", "trl_alp.tools.bench", "--worker", spec_path], check=False)
     if done.returncode != 0:
         raise RuntimeError(f"bench arm {name} failed (exit status {done.returncode}); its log is above.")
     with open(spec["result"]) as f:
-        return json.load(f)
+        result = json.load(f)
+    # 1-minute load average when the arm started and ended: ~1 per busy bench thread on a machine left alone
+    result["load_average"] = [load_before, os.getloadavg()[0]]
+    return result
 
 
 def stats(values: list[float]) -> dict:
