@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from trl_alp.tools.bench import PHASES, BenchArguments, PeakMemory, stats
+from trl_alp.tools.bench import PHASES, BenchArguments, PeakMemory, format_table, stats
 from trl_alp.tools.cli import main
 
 QUICK = ["--completions", "4", "--num_generations", "2", "--max_completion_length", "4", "--cycles", "1"]
@@ -20,7 +20,7 @@ def bench_json(tmp_path_factory):
     """The README's bench commands, in a quick tiny variant (4 completions of ≤ 4 tokens, one cycle, one round)."""
     out = tmp_path_factory.mktemp("bench")
     argv = ["bench", "--model", "tiny", *QUICK, "--profile", "true"]
-    argv += ["--finetune", "full", "--scenarios", "no-correction,old-logprobs"]
+    argv += ["--finetune", "full", "--scenarios", "no-correction,old-logprobs,stale-steps"]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert main([*argv, "--json", "--output_dir", str(out)]) == 0
@@ -43,7 +43,7 @@ def test_bench_json_reports_every_phase_ratio_and_memory(bench_json):
     results, _ = bench_json
     assert results["device"] == "cpu" and results["threads"] == 1
     assert "clear_refs" in results["memory_method"] or "sampled" in results["memory_method"]
-    for scenario in ("no-correction", "old-logprobs"):
+    for scenario in ("no-correction", "old-logprobs", "stale-steps"):
         row = results[scenario]
         for kind in ("grpo", "alp"):
             arm = row[kind]
@@ -70,18 +70,42 @@ def test_bench_json_reports_every_phase_ratio_and_memory(bench_json):
         assert row["ratio_range"]["train_time_ratio"] == [pytest.approx(row["train_time_ratio"])] * 2  # one round
     # GRPO computes old log-probs only when a generation serves several steps; ALP never does
     assert results["no-correction"]["grpo"]["logprob_pass_s"]["median"] == 0.0
-    assert results["old-logprobs"]["grpo"]["logprob_pass_s"]["median"] > 0.0
+    assert results["no-correction"]["pass_saving_bound"] == 1.0
+    for scenario in ("old-logprobs", "stale-steps"):
+        row = results[scenario]
+        grpo_pass, whole = row["grpo"]["logprob_pass_s"]["median"], row["grpo"]["whole_step_s"]["median"]
+        alp_pass = row["alp"]["logprob_pass_s"]["median"]  # ALP's trainer is called for the pass and skips it
+        assert grpo_pass > 0.0 and alp_pass < 0.05 * grpo_pass, scenario
+        assert row["pass_saving_bound"] == pytest.approx(1 - (grpo_pass - alp_pass) / whole)
+        assert 0 < row["pass_saving_bound"] < 1
 
 
 def test_bench_profile_finds_the_noise_in_training_only(bench_json):
     results, out = bench_json
-    for scenario in ("no-correction", "old-logprobs"):
+    for scenario in ("no-correction", "old-logprobs", "stale-steps"):
         profile = results[scenario]["profile_extra"]
         assert profile["noise_ms"]["training"] > 0  # the loss forward/backward is perturbed ...
         assert profile["noise_ms"]["generation"] == 0  # ... generation and the no-grad passes never are
         assert {"op", "alp_ms", "grpo_ms", "extra_ms"} <= set(profile["training"][0])
     tables = sorted(p for p in os.listdir(out) if p.startswith("profile-"))
-    assert len(tables) == 4 and "Self CPU" in (out / tables[0]).read_text()
+    assert len(tables) == 6 and "Self CPU" in (out / tables[0]).read_text()
+
+
+def test_bench_table_has_a_row_per_trainer_and_the_ratios(bench_json):
+    results, _ = bench_json
+    lines = format_table(results).splitlines()
+    header = [cell.strip() for cell in lines[1].strip("|").split("|")]
+    assert header[:3] == ["scenario", "trainer", "whole step s"]
+    for scenario in ("no-correction", "old-logprobs", "stale-steps"):
+        rows = {line.split("|")[2].strip(): line for line in lines[3:] if line.split("|")[1].strip() == scenario}
+        assert set(rows) == {"GRPO", "ALP", "ALP/GRPO"}
+        ratios = dict(zip(header, (cell.strip() for cell in rows["ALP/GRPO"].strip("|").split("|"))))
+        row = results[scenario]
+        assert ratios["whole step s"].startswith(f"**{row['time_ratio']:.3f}**")
+        assert ratios["training CPU s"].startswith(f"**{row['train_cpu_time_ratio']:.3f}**")
+        bound = next(name for name in header if name.startswith("no-grad log-prob passes"))
+        assert ratios[bound] == f"**{row['pass_saving_bound']:.3f}**"
+        assert ratios["peak memory MiB"].startswith(f"**{row['memory_ratio']:.3f}**")
 
 
 def test_peak_memory_sees_an_allocation():

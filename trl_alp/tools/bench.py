@@ -12,7 +12,10 @@ memory is its own and no allocator or cache state leaks between arms; arms are i
 * **whole step**: ``on_step_begin`` to ``on_step_end``.
 
 Scenarios: ``no-correction`` is GRPO with TRL's defaults (no old-log-prob pass) against ``seq-alp``;
-``old-logprobs`` uses ``num_iterations=2`` for both, where GRPO recomputes old log-probs and ALP does not.
+``old-logprobs`` uses ``num_iterations=2`` for both (each generation is trained on twice) and ``stale-steps``
+``steps_per_generation=2`` (each generation is split over two optimizer steps, the authors' mini-batch staleness):
+there GRPO recomputes old log-probs and ALP does not. ``pass_saving_bound`` is the whole-step ratio ALP would reach if
+skipping those passes were its only difference from GRPO: the floor that its savings can reach at this scale.
 
 Peak memory per arm, above the arm's post-load baseline (model, tokenizer and trainer built): on CUDA from
 ``torch.cuda.max_memory_allocated``; on CPU the peak resident set size, read from ``VmHWM`` after resetting it through
@@ -41,7 +44,7 @@ from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
-SCENARIOS = {"no-correction": {}, "old-logprobs": {"num_iterations": 2}}
+SCENARIOS = {"no-correction": {}, "old-logprobs": {"num_iterations": 2}, "stale-steps": {"steps_per_generation": 2}}
 KINDS = ("grpo", "alp")
 FINETUNE = ("auto", "lora", "full")
 PHASES = (
@@ -73,7 +76,7 @@ class BenchArguments:
     warmup: int = field(default=1, metadata={"help": "Warm-up generation cycles per arm, not measured."})
     repeats: int = field(default=3, metadata={"help": "Interleaved rounds; every arm runs once per round."})
     scenarios: str = field(
-        default="no-correction,old-logprobs", metadata={"help": f"Comma-separated subset of {list(SCENARIOS)}."}
+        default=",".join(SCENARIOS), metadata={"help": f"Comma-separated subset of {list(SCENARIOS)}."}
     )
     threads: int = field(
         default=0,
@@ -282,8 +285,11 @@ def run_arm(spec: dict) -> dict:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     cuda = torch.cuda.is_available()
-    cycle = SCENARIOS[spec["scenario"]].get("num_iterations", 1)
-    steps = (spec["warmup"] + spec["cycles"]) * cycle
+    scenario = SCENARIOS[spec["scenario"]]
+    per_generation = scenario.get("steps_per_generation", 1)
+    cycle = scenario.get("num_iterations", 1) * per_generation  # optimizer steps served by one generation
+    generations = spec["warmup"] + spec["cycles"]
+    steps = generations * cycle
     settings = dict(
         output_dir=os.path.join(spec["output_dir"], f"{spec['scenario']}-{spec['kind']}"),
         max_steps=steps,
@@ -298,7 +304,7 @@ def run_arm(spec: dict) -> dict:
         use_cpu=not cuda,
         seed=0,
         disable_tqdm=True,
-        **SCENARIOS[spec["scenario"]],
+        **scenario,
     )
     config = GRPOConfig(**settings) if spec["kind"] == "grpo" else ALPConfig(correction="seq-alp", **settings)
     model, tokenizer, lora = load_offline_model(spec["model"])
@@ -307,7 +313,7 @@ def run_arm(spec: dict) -> dict:
         lora = None
     elif finetune == "lora" and lora is None:
         lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
-    prompts = steps // cycle * spec["completions"] // spec["num_generations"]
+    prompts = generations * per_generation * spec["completions"] // spec["num_generations"]
     trainer = (GRPOTrainer if spec["kind"] == "grpo" else ALPGRPOTrainer)(
         model=model,
         reward_funcs=REWARD_FUNCS["number_format"],
@@ -423,6 +429,13 @@ def _ratio(alp: dict, grpo: dict, key: str) -> float:
     return alp[key]["median"] / grpo[key]["median"] if grpo[key]["median"] > 0 else float("nan")
 
 
+def pass_saving_bound(alp: dict, grpo: dict) -> float:
+    """The whole-step ALP/GRPO ratio if the only difference were the no-grad log-prob passes each runs (medians):
+    how far below 1 skipping GRPO's old-log-prob pass can take ALP on this model, batch and machine."""
+    whole = grpo["whole_step_s"]["median"]
+    return (whole - grpo["logprob_pass_s"]["median"] + alp["logprob_pass_s"]["median"]) / whole
+
+
 def _profile_extra(alp_runs: list[dict], grpo_runs: list[dict], top: int = 10) -> dict[str, list]:
     """Ops with the largest extra self time per step under ALP, per phase (mean over the repeats)."""
     out = {}
@@ -489,6 +502,7 @@ def run_bench(args: BenchArguments) -> dict:
             "cpu_time_ratio": _ratio(alp, grpo, "whole_step_cpu_s"),
             "train_cpu_time_ratio": _ratio(alp, grpo, "training_cpu_s"),
             "memory_ratio": _ratio(alp, grpo, "peak_above_baseline_bytes"),
+            "pass_saving_bound": pass_saving_bound(alp, grpo),
             # range of the ratio over the rounds (each round pairs one GRPO and one ALP process)
             "ratio_range": {
                 name: [min(r), max(r)]
@@ -540,20 +554,22 @@ def format_table(results: dict) -> str:
         f"{args['cycles']} cycles; seconds per optimizer step, median [min–max]; memory: {results['memory_method']}; "
         f"load average {results['machine']['load_average_before'][0]:.1f} → "
         f"{results['machine']['load_average_after'][0]:.1f} on {results['machine']['cpu_count']} CPUs",
-        "| scenario | trainer | whole step s | generation s | training s | training CPU s | peak memory MiB | tokens |",
-        "|---|---|---|---|---|---|---|---|",
+        "| scenario | trainer | whole step s | generation s | training s | training CPU s | no-grad log-prob passes s "
+        "(ALP/GRPO row: pass-saving bound) | peak memory MiB | tokens |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for scenario in scenarios:
         row = results[scenario]
         for kind in KINDS:
             arm = row[kind]
-            cells = [_fmt(arm[c]) for c in columns] + [_fmt(arm["peak_above_baseline_bytes"], 2**-20, 0)]
+            cells = [_fmt(arm[c]) for c in (*columns, "logprob_pass_s")]
+            cells.append(_fmt(arm["peak_above_baseline_bytes"], 2**-20, 0))
             lines.append(
                 f"| {scenario} | {kind.upper()} | {' | '.join(cells)} | {arm['mean_completion_tokens']:.1f} |"
             )
         ranges = row["ratio_range"]
         cells = []
-        for name in [ratio_of[c] for c in columns] + ["memory_ratio"]:
+        for name in [ratio_of[c] for c in columns] + ["pass_saving_bound", "memory_ratio"]:
             span = f" [{ranges[name][0]:.3f}–{ranges[name][1]:.3f}]" if name in ranges else ""
             cells.append(f"**{row[name]:.3f}**{span}")
         lines.append(f"| {scenario} | ALP/GRPO | {' | '.join(cells)} | |")
