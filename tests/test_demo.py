@@ -3,13 +3,14 @@
 import json
 import logging
 import re
+from types import SimpleNamespace
 
 import pytest
 
 from trl_alp.tools.cli import main
 from trl_alp.tools.demo import estimate_remaining_seconds
 
-STEPS = 2
+STEPS = 4  # two generation cycles (steps_per_generation=2): the estimate measures the second
 CORRECTIONS = ["grpo", "seq-bypass", "seq-alp"]
 
 
@@ -62,23 +63,51 @@ def test_results_json_is_strict_json(demo):
     assert report["args"]["max_steps"] == STEPS
 
 
-def test_estimate_comes_from_the_first_measured_steps(demo):
+def test_estimate_is_logged_once_from_measured_steps(demo):
     out, messages = demo
     pattern = (
-        r"trl-alp demo: measured ([\d.e+-]+) s/step over the first (\d+) steps and ([\d.e+-]+) s per model load; "
+        r"trl-alp demo: measured ([\d.e+-]+) s/step over steps (\d+)–(\d+) and ([\d.e+-]+) s per model load; "
         r"estimated ([\d.]+) (s|min) for the remaining (\d+) steps and (\d+) loads\."
     )
     found = [m for m in (re.fullmatch(pattern, message) for message in messages) if m]
     assert len(found) == 1, messages  # once, during the first run
-    per_step, measured, per_load, estimate, unit, steps_left, loads_left = found[0].groups()
-    # the first generation cycle (steps_per_generation=2); everything after it is what is left
-    assert int(measured) == 2 and int(steps_left) == STEPS * len(CORRECTIONS) - 2 and int(loads_left) == 2
+    per_step, first, last, per_load, estimate, unit, steps_left, loads_left = found[0].groups()
+    # two generation cycles of 2 steps: the second one is measured, everything after it is what is left
+    assert (int(first), int(last)) == (3, 4)
+    assert int(steps_left) == STEPS * len(CORRECTIONS) - 4 and int(loads_left) == 2
     expected = estimate_remaining_seconds(float(per_step), int(steps_left), float(per_load), int(loads_left))
     shown = float(estimate) * (60 if unit == "min" else 1)
     assert shown == pytest.approx(expected, rel=0.03, abs=0.6)  # shown rounded to 1 s or 0.1 min
     # the per-step time is a measurement of this run: it cannot exceed the first run's whole training time
     first_run = json.loads((out / "results.json").read_text())["results"]["grpo"]["train_seconds"]
-    assert 0 < float(per_step) * int(measured) <= first_run
+    assert 0 < float(per_step) * 2 <= first_run
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "window"),
+    [(8, (3, 4)), (4, (3, 4)), (3, (1, 2)), (2, (1, 2)), (1, (1, 1))],
+)
+def test_estimate_skips_the_warm_up_cycle_when_the_run_is_long_enough(monkeypatch, max_steps, window):
+    """The first cycle's steps (slow here: 10 s each) are left out whenever a second cycle (1 s each) follows."""
+    from trl_alp.tools import demo as demo_module
+
+    now = [0.0]
+    monkeypatch.setattr(demo_module.time, "perf_counter", lambda: now[0])
+    calls = []
+    callback = demo_module._progress_callback("test", lambda *measured: calls.append(measured))
+    args = SimpleNamespace(steps_per_generation=2)
+    state = SimpleNamespace(global_step=0, max_steps=max_steps)
+    callback.on_train_begin(args, state, None)
+    for step in range(1, max_steps + 1):
+        callback.on_step_begin(args, state, None)
+        now[0] += 10.0 if step <= 2 else 1.0
+        state.global_step = step
+        callback.on_step_end(args, state, None)
+    callback.on_train_end(args, state, None)
+    assert len(calls) == 1
+    seconds_per_step, first, last = calls[0]
+    assert (first, last) == window
+    assert seconds_per_step == (1.0 if first == 3 else 10.0)
 
 
 def test_estimate_arithmetic():

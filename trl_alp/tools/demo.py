@@ -120,11 +120,13 @@ def _run_config(args: DemoArguments, correction: str, output_dir: str):
 STEPS_PER_GENERATION = 2  # the demo's staleness: one generation feeds two optimizer steps
 
 
-def _progress_callback(label: str, on_first_cycle=None):
+def _progress_callback(label: str, on_measured=None):
     """A one-line-per-step progress bar (reward, sequence-ratio q99, k3 KL) instead of the Trainer's metric dicts.
 
-    `on_first_cycle(seconds_per_step, steps)` is called once the first generation cycle (one generation and the
-    optimizer steps it feeds) has run, so a time estimate rests on a measured, representative stretch.
+    `on_measured(seconds_per_step, first_step, last_step)` is called once, with the time per step of the *second*
+    generation cycle (one generation and the optimizer steps it feeds): the first one carries one-off warm-up costs
+    (a SmolLM2 first step took 98 s where later ones took ~10 s) and made the estimate several times too long. A run
+    too short for two cycles is measured on its first one.
     """
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
@@ -133,7 +135,7 @@ def _progress_callback(label: str, on_first_cycle=None):
         SHOWN = {"reward": "reward", "alp/ratio/seq/q99": "q99", "alp/mismatch/k3_kl": "k3"}
 
         def __init__(self):
-            self.on_first_cycle = on_first_cycle
+            self.on_measured = on_measured
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.bar = tqdm(total=state.max_steps, desc=label, dynamic_ncols=True)
@@ -141,13 +143,19 @@ def _progress_callback(label: str, on_first_cycle=None):
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.start is None:
-                self.start = time.perf_counter()
+                self.start = (state.global_step, time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
-            cycle = min(args.steps_per_generation or 1, state.max_steps)
-            if self.on_first_cycle is not None and state.global_step == cycle:
-                self.on_first_cycle((time.perf_counter() - self.start) / cycle, cycle)
-                self.on_first_cycle = None
+            if self.on_measured is None:
+                return
+            cycle = args.steps_per_generation or 1
+            first_step, start = self.start
+            if state.global_step == cycle and state.max_steps >= 2 * cycle:  # warm-up done: measure the next cycle
+                self.start = (state.global_step, time.perf_counter())
+            elif state.global_step - first_step == cycle or state.global_step == state.max_steps:
+                steps = state.global_step - first_step
+                self.on_measured((time.perf_counter() - start) / steps, first_step + 1, state.global_step)
+                self.on_measured = None
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -210,15 +218,18 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _log_estimate(args: DemoArguments, load_seconds: float, runs_left: int, seconds_per_step: float, steps_done: int):
-    """Log the time left once the first run's first generation cycle has been measured."""
-    steps_left = args.max_steps - steps_done + runs_left * args.max_steps
+def _log_estimate(
+    args: DemoArguments, load_seconds: float, runs_left: int, seconds_per_step: float, first_step: int, last_step: int
+):
+    """Log the time left once the first run's steps `first_step`..`last_step` (1-based) have been measured."""
+    steps_left = args.max_steps - last_step + runs_left * args.max_steps
     seconds = estimate_remaining_seconds(seconds_per_step, steps_left, load_seconds, runs_left)
     logger.info(
-        "trl-alp demo: measured %.3g s/step over the first %d steps and %.3g s per model load; estimated %s for the "
+        "trl-alp demo: measured %.3g s/step over steps %d–%d and %.3g s per model load; estimated %s for the "
         "remaining %d steps and %d loads.",
         seconds_per_step,
-        steps_done,
+        first_step,
+        last_step,
         load_seconds,
         _duration(seconds),
         steps_left,
@@ -252,14 +263,14 @@ def run_demo(args: DemoArguments) -> dict[str, dict[str, float]]:
 
     check_demo_args(args)
     corrections = args.correction_list
+    cycle = STEPS_PER_GENERATION
     logger.info(
-        "trl-alp demo: %s × %d steps on %s, rollouts in %s, training in fp32; a time estimate follows the first "
-        "%d steps.",
+        "trl-alp demo: %s × %d steps on %s, rollouts in %s, training in fp32; a time estimate follows step %d.",
         ", ".join(corrections),
         args.max_steps,
         args.model,
         args.rollout_dtype or "fp32",
-        min(STEPS_PER_GENERATION, args.max_steps),
+        2 * cycle if args.max_steps >= 2 * cycle else min(cycle, args.max_steps),
     )
     os.makedirs(args.output_dir, exist_ok=True)
     dataset = arithmetic_dataset(args.num_prompts, seed=args.seed)
