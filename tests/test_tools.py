@@ -239,6 +239,9 @@ def test_cli_tools_split_on_commas_and_bad_tools_fail_in_one_line(tmp_path, caps
     monkeypatch.chdir(tmp_path)
     argv = ["train", "--model_name_or_path", "tiny", "--bf16", "false", "--use_cpu", "true", "--report_to", "none"]
     assert main([*argv, "--tools", "trl_alp.tools.data:calculator,no.such.module:tool"]) == 2
-    assert "cannot import tool 'no.such.module:tool'" in capsys.readouterr().err
+    assert "cannot import tool 'no.such.module:tool': no module named 'no'" in capsys.readouterr().err
+    assert main([*argv, "--tools", "trl_alp.tools.data:no_such_tool"]) == 2
+    error = capsys.readouterr().err
+    assert "cannot import tool 'trl_alp.tools.data:no_such_tool': module 'trl_alp.tools.data' has no function" in error
     assert main([*argv, "--tools", "calculator"]) == 2
     assert "tool 'calculator': use 'package.module:function'" in capsys.readouterr().err

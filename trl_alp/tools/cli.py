@@ -190,32 +190,34 @@ def load_reward(name: str) -> Callable:
             f"unknown reward {name!r}: use one of {[*REWARD_FUNCS, *TRL_REWARDS]} or an import path "
             "'my_module.my_reward' / 'my_module:my_reward'"
         )
+    return _import_function("reward", name, module_name, attr)
+
+
+def _load_tool(name: str) -> Callable:
+    module_name, _, attr = name.partition(":")
+    if not attr:
+        raise CLIError(f"tool {name!r}: use 'package.module:function'")
+    return _import_function("tool", name, module_name, attr)
+
+
+def _import_function(kind: str, name: str, module_name: str, attr: str) -> Callable:
+    """``module_name.attr`` with the current folder importable (as TRL's script does); a missing module or function
+    is a one-line setup error, an import error raised *inside* the user's module keeps its traceback."""
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         if error.name is None or not (module_name == error.name or module_name.startswith(error.name + ".")):
-            raise  # the reward's own module imports something missing: its traceback says what
+            raise  # the module's own imports miss something: its traceback says what
         raise CLIError(
-            f"reward {name!r}: no module named {error.name!r} in the current folder ({os.getcwd()}) or on sys.path"
+            f"cannot import {kind} {name!r}: no module named {error.name!r} in the current folder ({os.getcwd()}) "
+            "or on sys.path"
         ) from error
-    reward = getattr(module, attr, None)
-    if not callable(reward):
-        raise CLIError(f"reward {name!r}: module {module_name!r} has no function {attr!r}")
-    return reward
-
-
-def _load_tool(name: str) -> Callable:
-    module, _, attr = name.partition(":")
-    if not attr:
-        raise CLIError(f"tool {name!r}: use 'package.module:function'")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise CLIError(f"cannot import tool {name!r}: {_one_line(e)}") from e
+    function = getattr(module, attr, None)
+    if not callable(function):
+        raise CLIError(f"cannot import {kind} {name!r}: module {module_name!r} has no function {attr!r}")
+    return function
 
 
 def required_columns(reward: Callable) -> set[str]:
