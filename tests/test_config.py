@@ -79,6 +79,26 @@ def test_options_that_cannot_apply_say_so_at_construction(caplog, overrides, ign
     assert f"{ignored} do not apply to correction={overrides['correction']!r}" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"alp_rollout_mask_max": 3.0, "alp_rollout_mask_weighted": False},
+            "alp_rollout_mask_max, alp_rollout_mask_weighted are ignored: alp_rollout_mask is None.",
+        ),
+        ({"alp_kl_clamp": True}, "alp_kl_clamp=True is ignored: beta=0.0 adds no KL term."),
+    ],
+)
+def test_rollout_mask_and_kl_clamp_fields_that_cannot_apply_say_so(caplog, overrides, message):
+    with caplog.at_level(logging.WARNING, logger="trl_alp"):
+        ALPConfig(**BASE, correction="seq-alp", **overrides)
+    assert message in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trl_alp"):  # where they apply: no warning
+        ALPConfig(**BASE, correction="seq-alp", alp_rollout_mask="sequence", beta=0.01, **overrides)
+    assert caplog.text == ""
+
+
 def test_defaults_say_nothing(caplog):
     with caplog.at_level(logging.WARNING, logger="trl_alp"):
         for correction in CORRECTIONS:
