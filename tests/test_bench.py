@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from trl_alp.tools.bench import PHASES, BenchArguments, PeakMemory, format_table, stats
+from trl_alp.tools.bench import PHASES, BenchArguments, PeakMemory, _profiled_tensor_peak, format_table, stats
 from trl_alp.tools.cli import main
 
 QUICK = ["--completions", "4", "--num_generations", "2", "--max_completion_length", "4", "--cycles", "1"]
@@ -87,6 +87,9 @@ def test_bench_profile_finds_the_noise_in_training_only(bench_json):
         assert profile["noise_ms"]["training"] > 0  # the loss forward/backward is perturbed ...
         assert profile["noise_ms"]["generation"] == 0  # ... generation and the no-grad passes never are
         assert {"op", "alp_ms", "grpo_ms", "extra_ms"} <= set(profile["training"][0])
+        peaks = results[scenario]["tensor_peak_bytes"]
+        assert peaks["grpo"]["median"] > 0 and peaks["alp"]["median"] > 0
+        assert results[scenario]["tensor_memory_ratio"] == peaks["alp"]["median"] / peaks["grpo"]["median"]
     tables = sorted(p for p in os.listdir(out) if p.startswith("profile-"))
     assert len(tables) == 6 and "Self CPU" in (out / tables[0]).read_text()
 
@@ -97,7 +100,8 @@ def test_bench_table_has_a_row_per_trainer_and_the_ratios(bench_json):
     header = [cell.strip() for cell in lines[1].strip("|").split("|")]
     assert header[:3] == ["scenario", "trainer", "whole step s"]
     for scenario in ("no-correction", "old-logprobs", "stale-steps"):
-        rows = {line.split("|")[2].strip(): line for line in lines[3:] if line.split("|")[1].strip() == scenario}
+        table = [line for line in lines[3:] if line.startswith("|")]
+        rows = {line.split("|")[2].strip(): line for line in table if line.split("|")[1].strip() == scenario}
         assert set(rows) == {"GRPO", "ALP", "ALP/GRPO"}
         ratios = dict(zip(header, (cell.strip() for cell in rows["ALP/GRPO"].strip("|").split("|"))))
         row = results[scenario]
@@ -106,6 +110,23 @@ def test_bench_table_has_a_row_per_trainer_and_the_ratios(bench_json):
         bound = next(name for name in header if name.startswith("no-grad log-prob passes"))
         assert ratios[bound] == f"**{row['pass_saving_bound']:.3f}**"
         assert ratios["peak memory MiB"].startswith(f"**{row['memory_ratio']:.3f}**")
+        # with --profile, a line per scenario gives the profiler's tensor memory
+        (profiled,) = [line for line in lines if line.startswith(f"profiled tensor memory ({scenario};")]
+        assert profiled.endswith(f"ALP/GRPO **{row['tensor_memory_ratio']:.3f}**")
+
+
+def test_profiled_tensor_peak_counts_live_tensors_only():
+    import torch
+
+    kept = torch.ones(2**20)  # 4 MiB alive before the profiler starts: not counted
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        a = torch.ones(4 * 2**20)  # 16 MiB
+        b = torch.ones(2 * 2**20)  # 8 MiB: 24 MiB live together
+        del a, b
+        c = torch.ones(2**20)  # 4 MiB after the frees: below the peak
+        del c
+    assert 24 * 2**20 <= _profiled_tensor_peak(prof) < 25 * 2**20
+    assert kept.numel() == 2**20
 
 
 def test_peak_memory_sees_an_allocation():

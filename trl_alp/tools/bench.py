@@ -271,6 +271,29 @@ def _phase_profile(prof, steps: int) -> dict:
     return {**{phase: dict(ops) for phase, ops in self_ms.items()}, "noise_ms": noise_ms}
 
 
+def _profiled_tensor_peak(prof) -> int:
+    """Peak of the live CPU tensor bytes over the profiled steps, above their level when the profiler started.
+
+    The sum, in time order, of the allocation (+) and free (−) records that the profiler takes with
+    ``profile_memory=True``: PyTorch's own tensor memory, without what the C allocator keeps after a free (the peak
+    RSS includes that, and it varies from process to process)."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import MEMORY_EVENT_NAME
+
+    cpu = (DeviceType.CPU, DeviceType.MKLDNN, DeviceType.IDEEP)
+    records = [
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == MEMORY_EVENT_NAME and event.device_type() in cpu
+    ]
+    records.sort(key=lambda record: record[0])  # stable: records of one instant keep their order
+    live = peak = 0
+    for _, nbytes in records:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
 def run_arm(spec: dict) -> dict:
     """Train one arm in this process and return its per-step timings and peak memory."""
     from peft import LoraConfig
@@ -330,7 +353,7 @@ def run_arm(spec: dict) -> dict:
     profiler = None
     if spec["profile"]:
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-        profiler = torch.profiler.profile(activities=activities)
+        profiler = torch.profiler.profile(activities=activities, profile_memory=True)
         trainer.add_callback(ProfileMeasuredSteps(profiler, spec["warmup"] * cycle))
     baseline = memory.start()
     try:
@@ -363,7 +386,7 @@ def run_arm(spec: dict) -> dict:
         path = os.path.join(spec["output_dir"], f"profile-{spec['scenario']}-{spec['kind']}-r{spec['repeat']}.txt")
         with open(path, "w") as f:
             f.write(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
-        result["profile"] = {"file": path, **phases}
+        result["profile"] = {"file": path, "tensor_peak_bytes": _profiled_tensor_peak(profiler), **phases}
     return result
 
 
@@ -527,6 +550,13 @@ def run_bench(args: BenchArguments) -> dict:
                 "grpo": [r["profile"]["file"] for r in grpo_runs],
                 "alp": [r["profile"]["file"] for r in alp_runs],
             }
+            # the profiler's tensor memory: what the noise keeps alive, without the C allocator's retention
+            peaks = {
+                kind: stats([float(r["profile"]["tensor_peak_bytes"]) for r in kind_runs])
+                for kind, kind_runs in (("grpo", grpo_runs), ("alp", alp_runs))
+            }
+            row["tensor_peak_bytes"] = peaks
+            row["tensor_memory_ratio"] = _ratio({"peak": peaks["alp"]}, {"peak": peaks["grpo"]}, "peak")
         results[scenario] = row
     return results
 
@@ -573,6 +603,14 @@ def format_table(results: dict) -> str:
             span = f" [{ranges[name][0]:.3f}–{ranges[name][1]:.3f}]" if name in ranges else ""
             cells.append(f"**{row[name]:.3f}**{span}")
         lines.append(f"| {scenario} | ALP/GRPO | {' | '.join(cells)} | |")
+    for scenario in scenarios:
+        if "tensor_peak_bytes" in results[scenario]:
+            row = results[scenario]
+            grpo, alp = (_fmt(row["tensor_peak_bytes"][kind], 2**-20, 0) for kind in KINDS)
+            lines.append(
+                f"profiled tensor memory ({scenario}; peak live CPU tensor MiB above the measured steps' start, "
+                f"median [min–max]): GRPO {grpo}, ALP {alp}, ALP/GRPO **{row['tensor_memory_ratio']:.3f}**"
+            )
     return "\n".join(lines)
 
 
