@@ -276,7 +276,8 @@ def _profiled_tensor_peak(prof) -> int:
 
     The sum, in time order, of the allocation (+) and free (−) records that the profiler takes with
     ``profile_memory=True``: PyTorch's own tensor memory, without what the C allocator keeps after a free (the peak
-    RSS includes that, and it varies from process to process)."""
+    RSS includes that, and it varies from process to process). Frees of blocks allocated before the profiler started
+    carry no size (PyTorch warns), so the figure can overstate the peak, never understate it."""
     from torch.autograd import DeviceType
     from torch.autograd.profiler_util import MEMORY_EVENT_NAME
 
