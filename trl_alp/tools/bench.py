@@ -20,7 +20,8 @@ skipping those passes were its only difference from GRPO: the floor that its sav
 Peak memory per arm, above the arm's post-load baseline (model, tokenizer and trainer built): on CUDA from
 ``torch.cuda.max_memory_allocated``; on CPU the peak resident set size, read from ``VmHWM`` after resetting it through
 ``/proc/self/clear_refs`` (Linux), else sampled every 5 ms. ``--profile`` also records a ``torch.profiler`` trace per
-arm and reports the ops that cost the most self time in each phase.
+arm and reports the ops that cost the most self time in each phase, and the peak of the live tensor memory from the
+profiler's allocation records (which, unlike the RSS, leaves out what the C allocator keeps after frees).
 """
 
 from __future__ import annotations
