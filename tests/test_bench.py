@@ -8,7 +8,15 @@ import os
 
 import pytest
 
-from trl_alp.tools.bench import PHASES, BenchArguments, PeakMemory, _profiled_tensor_peak, format_table, stats
+from trl_alp.tools.bench import (
+    PHASES,
+    BenchArguments,
+    PeakMemory,
+    _profiled_tensor_peak,
+    format_table,
+    round_ratios,
+    stats,
+)
 from trl_alp.tools.cli import main
 
 QUICK = ["--completions", "4", "--num_generations", "2", "--max_completion_length", "4", "--cycles", "1"]
@@ -68,6 +76,7 @@ def test_bench_json_reports_every_phase_ratio_and_memory(bench_json):
             row["alp"]["whole_step_s"]["median"] / row["grpo"]["whole_step_s"]["median"]
         )
         assert row["ratio_range"]["train_time_ratio"] == [pytest.approx(row["train_time_ratio"])] * 2  # one round
+        assert row["paired_ratio"]["train_time_ratio"] == pytest.approx(row["train_time_ratio"])
     # GRPO computes old log-probs only when a generation serves several steps; ALP never does
     assert results["no-correction"]["grpo"]["logprob_pass_s"]["median"] == 0.0
     assert results["no-correction"]["pass_saving_bound"] == 1.0
@@ -136,6 +145,30 @@ def test_peak_memory_sees_an_allocation():
     del block
     assert meter.peak() - baseline >= 60 * 2**20
     assert meter.method
+
+
+def _run(seconds: float, peak: int) -> dict:
+    """A fake arm record: every phase takes `seconds`."""
+    return {
+        "cycles": [{phase: seconds for phase in PHASES}],
+        "peak_above_baseline_bytes": peak,
+        "peak_bytes": peak + 1,
+        "baseline_bytes": 1,
+        "mean_completion_tokens": 8.0,
+        "trainable_parameters": 1,
+        "finetune": "full",
+    }
+
+
+def test_round_ratios_pair_each_round_and_resist_drift():
+    # the machine speeds up round by round; ALP costs 2 % more in every round
+    grpo = [_run(s, 100) for s in (120.0, 110.0, 100.0)]
+    alp = [_run(s * 1.02, 103) for s in (120.0, 108.0, 100.0)]  # round 2 ran on a faster stretch
+    rounds = round_ratios(grpo, alp)
+    assert rounds["time_ratio"] == pytest.approx([1.02, 1.02 * 108 / 110, 1.02])
+    assert rounds["memory_ratio"] == pytest.approx([1.03] * 3)
+    with pytest.raises(ValueError):  # every round needs both trainers
+        round_ratios(grpo, alp[:2])
 
 
 def test_stats_median_quartiles_and_range():

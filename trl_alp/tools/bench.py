@@ -454,6 +454,21 @@ def _ratio(alp: dict, grpo: dict, key: str) -> float:
     return alp[key]["median"] / grpo[key]["median"] if grpo[key]["median"] > 0 else float("nan")
 
 
+ROUND_RATIOS = {
+    "time_ratio": "whole_step_s",
+    "train_time_ratio": "training_s",
+    "cpu_time_ratio": "whole_step_cpu_s",
+    "train_cpu_time_ratio": "training_cpu_s",
+    "memory_ratio": "peak_above_baseline_bytes",
+}
+
+
+def round_ratios(grpo_runs: list[dict], alp_runs: list[dict]) -> dict[str, list[float]]:
+    """ALP/GRPO per round (the i-th GRPO process against the i-th ALP process) for each of :data:`ROUND_RATIOS`."""
+    paired = [(_summarise_arm([g]), _summarise_arm([a])) for g, a in zip(grpo_runs, alp_runs, strict=True)]
+    return {name: [_ratio(a, g, key) for g, a in paired] for name, key in ROUND_RATIOS.items()}
+
+
 def pass_saving_bound(alp: dict, grpo: dict) -> float:
     """The whole-step ALP/GRPO ratio if the only difference were the no-grad log-prob passes each runs (medians):
     how far below 1 skipping GRPO's old-log-prob pass can take ALP on this model, batch and machine."""
@@ -517,7 +532,7 @@ def run_bench(args: BenchArguments) -> dict:
     for scenario in args.scenario_list:
         grpo_runs, alp_runs = runs[(scenario, "grpo")], runs[(scenario, "alp")]
         grpo, alp = _summarise_arm(grpo_runs), _summarise_arm(alp_runs)
-        paired = [(_summarise_arm([g]), _summarise_arm([a])) for g, a in zip(grpo_runs, alp_runs)]
+        rounds = round_ratios(grpo_runs, alp_runs)
         row = {
             "grpo": grpo,
             "alp": alp,
@@ -528,18 +543,11 @@ def run_bench(args: BenchArguments) -> dict:
             "train_cpu_time_ratio": _ratio(alp, grpo, "training_cpu_s"),
             "memory_ratio": _ratio(alp, grpo, "peak_above_baseline_bytes"),
             "pass_saving_bound": pass_saving_bound(alp, grpo),
-            # range of the ratio over the rounds (each round pairs one GRPO and one ALP process)
-            "ratio_range": {
-                name: [min(r), max(r)]
-                for name, key in (
-                    ("time_ratio", "whole_step_s"),
-                    ("train_time_ratio", "training_s"),
-                    ("cpu_time_ratio", "whole_step_cpu_s"),
-                    ("train_cpu_time_ratio", "training_cpu_s"),
-                    ("memory_ratio", "peak_above_baseline_bytes"),
-                )
-                for r in [[_ratio(a, g, key) for g, a in paired]]
-            },
+            # each round pairs one GRPO and one ALP process run back to back: the per-round ratios, their range and
+            # median (steadier than the ratio of medians when the machine drifts over the rounds)
+            "ratio_rounds": rounds,
+            "ratio_range": {name: [min(r), max(r)] for name, r in rounds.items()},
+            "paired_ratio": {name: statistics.median(r) for name, r in rounds.items()},
         }
         # every arm process's own record, round by round (the profiles stay in their files)
         row["runs"] = {
@@ -583,7 +591,9 @@ def format_table(results: dict) -> str:
     lines = [
         f"device: {results['device']} ({results['threads']} threads), model: {args['model']} ({finetune}), "
         f"{args['completions']} completions × ≤{args['max_completion_length']} tokens, {args['repeats']} rounds × "
-        f"{args['cycles']} cycles; seconds per optimizer step, median [min–max]; memory: {results['memory_method']}; "
+        f"{args['cycles']} cycles; seconds per optimizer step, median [min–max]; ALP/GRPO rows: ratio of the medians "
+        "[range of the per-round ratios], paired = median of the per-round ratios; "
+        f"memory: {results['memory_method']}; "
         f"load average {results['machine']['load_average_before'][0]:.1f} → "
         f"{results['machine']['load_average_after'][0]:.1f} on {results['machine']['cpu_count']} CPUs",
         "| scenario | trainer | whole step s | generation s | training s | training CPU s | no-grad log-prob passes s "
@@ -602,7 +612,9 @@ def format_table(results: dict) -> str:
         ranges = row["ratio_range"]
         cells = []
         for name in [ratio_of[c] for c in columns] + ["pass_saving_bound", "memory_ratio"]:
-            span = f" [{ranges[name][0]:.3f}–{ranges[name][1]:.3f}]" if name in ranges else ""
+            span = ""
+            if name in ranges:
+                span = f" [{ranges[name][0]:.3f}–{ranges[name][1]:.3f}], paired {row['paired_ratio'][name]:.3f}"
             cells.append(f"**{row[name]:.3f}**{span}")
         lines.append(f"| {scenario} | ALP/GRPO | {' | '.join(cells)} | |")
     for scenario in scenarios:
