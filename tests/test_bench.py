@@ -64,6 +64,8 @@ def test_bench_json_reports_every_phase_ratio_and_memory(bench_json):
             assert set(PHASES) <= set(arm)
             assert arm["peak_bytes"]["median"] >= arm["baseline_bytes"]["median"] > 0
             assert _positive(arm["peak_above_baseline_bytes"]["median"])
+        for kind in ("grpo", "alp"):
+            assert all(run["minor_page_faults"] > 0 for run in row["runs"][kind])  # training maps fresh pages
         for name in (
             "time_ratio",
             "train_time_ratio",

@@ -296,6 +296,15 @@ def _profiled_tensor_peak(prof) -> int:
     return peak
 
 
+def _minor_page_faults() -> int:
+    """This process's minor page faults so far (-1 where ``resource`` is missing, e.g. on Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return -1
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def run_arm(spec: dict) -> dict:
     """Train one arm in this process and return its per-step timings and peak memory."""
     from peft import LoraConfig
@@ -358,12 +367,14 @@ def run_arm(spec: dict) -> dict:
         profiler = torch.profiler.profile(activities=activities, profile_memory=True)
         trainer.add_callback(ProfileMeasuredSteps(profiler, spec["warmup"] * cycle))
     baseline = memory.start()
+    faults = _minor_page_faults()
     try:
         trainer.train()
     finally:
         if profiler is not None and profiler.profiler is not None:
             profiler.stop()
     peak = memory.peak()
+    faults = _minor_page_faults() - faults
 
     measured = timer.steps[spec["warmup"] * cycle :]
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
@@ -382,6 +393,8 @@ def run_arm(spec: dict) -> dict:
         "peak_bytes": peak,
         "peak_above_baseline_bytes": peak - baseline,
         "memory_method": memory.method,
+        # pages the kernel had to map in during training (all steps): memory the allocator got afresh from the OS
+        "minor_page_faults": faults,
     }
     if spec["profile"]:
         phases = _phase_profile(profiler, spec["cycles"] * cycle)
