@@ -296,12 +296,12 @@ def _profiled_tensor_peak(prof) -> int:
     return peak
 
 
-def _minor_page_faults() -> int:
-    """This process's minor page faults so far (-1 where ``resource`` is missing, e.g. on Windows)."""
+def _minor_page_faults() -> int | None:
+    """This process's minor page faults so far (None where ``resource`` is missing, e.g. on Windows)."""
     try:
         import resource
     except ImportError:
-        return -1
+        return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
@@ -374,7 +374,7 @@ def run_arm(spec: dict) -> dict:
         if profiler is not None and profiler.profiler is not None:
             profiler.stop()
     peak = memory.peak()
-    faults = _minor_page_faults() - faults
+    faults = None if faults is None else _minor_page_faults() - faults  # null in the JSON where not measured
 
     measured = timer.steps[spec["warmup"] * cycle :]
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
