@@ -15,7 +15,7 @@ from hypothesis import settings  # noqa: E402
 from tiny_setup import PROMPT_ROWS, TRAINER_SETTINGS, length_reward  # noqa: E402
 
 from trl_alp import ALPConfig, ALPGRPOTrainer  # noqa: E402
-from trl_alp.tools.tiny import build_tiny_model, build_tokenizer  # noqa: E402
+from trl_alp.cli.tiny import build_tiny_model, build_tokenizer  # noqa: E402
 
 logging.getLogger("trl_alp").setLevel(logging.INFO)
 # Property tests explore the same examples on every run, so CI is reproducible (new seeds: --hypothesis-seed).

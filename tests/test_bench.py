@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from trl_alp.tools.bench import (
+from trl_alp.cli.bench import (
     PHASES,
     BenchArguments,
     PeakMemory,
@@ -17,7 +17,7 @@ from trl_alp.tools.bench import (
     round_ratios,
     stats,
 )
-from trl_alp.tools.cli import main
+from trl_alp.cli.main import main
 
 QUICK = ["--completions", "4", "--num_generations", "2", "--max_completion_length", "4", "--cycles", "1"]
 QUICK += ["--warmup", "0", "--repeats", "1", "--threads", "1"]

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from trl_alp.tools import cli
-from trl_alp.tools.cli import main
+from trl_alp.cli import main as cli
+from trl_alp.cli.main import main
 
 CPU = ["--bf16", "false", "--use_cpu", "true", "--report_to", "none"]
 SMALL = ["--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "8"]
@@ -112,7 +112,7 @@ def needs_solution(completions, **kwargs):
 def test_reward_forms_like_trls_script(in_tmp):
     from trl.rewards import think_format_reward
 
-    from trl_alp.tools.data import correctness_reward
+    from trl_alp.cli.data import correctness_reward
 
     (in_tmp / "my_cli_rewards.py").write_text(REWARDS_PY)
     dotted = cli.load_reward("my_cli_rewards.length_reward")  # TRL's form, found in the current folder
@@ -159,7 +159,7 @@ def test_exception_in_a_reward_function_keeps_its_traceback(in_tmp):
 def test_reward_arguments_must_be_dataset_columns(in_tmp, capsys):
     from trl.rewards import accuracy_reward
 
-    from trl_alp.tools.data import correctness_reward, number_format_reward
+    from trl_alp.cli.data import correctness_reward, number_format_reward
 
     assert cli.required_columns(correctness_reward) == {"answer"}
     assert cli.required_columns(accuracy_reward) == {"solution"}
@@ -236,7 +236,7 @@ def test_help_and_usage_errors_import_no_torch(tmp_path):
     code = """
 import sys
 import trl_alp
-from trl_alp.tools.cli import main
+from trl_alp.cli.main import main
 
 assert main(["--help"]) == 0 and main(["frobnicate"]) == 2
 assert main(["plot", "no-such-run"]) == 2 and main(["demo", "--model", "gpt5"]) == 2

@@ -4,7 +4,7 @@ import re
 
 from datasets import Dataset
 
-from trl_alp.tools.data import (
+from trl_alp.cli.data import (
     arithmetic_dataset,
     correctness_reward,
     gsm8k_to_prompts,
@@ -51,7 +51,7 @@ def test_gsm8k_mapping():
 
 
 def test_digits_task_and_reward():
-    from trl_alp.tools.data import digit_share_reward, digits_dataset
+    from trl_alp.cli.data import digit_share_reward, digits_dataset
 
     data = digits_dataset(16, seed=1)
     assert len(data) == 16 and data[0]["prompt"][0]["role"] == "user"

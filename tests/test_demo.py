@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from trl_alp.tools.cli import main
-from trl_alp.tools.demo import estimate_remaining_seconds
+from trl_alp.cli.main import main
+from trl_alp.cli.demo import estimate_remaining_seconds
 
 STEPS = 4  # two generation cycles (steps_per_generation=2): the estimate measures the second
 CORRECTIONS = ["grpo", "seq-bypass", "seq-alp"]
@@ -27,7 +27,7 @@ class _Records(logging.Handler):
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "report"
     records = _Records()
-    logger = logging.getLogger("trl_alp.tools.demo")
+    logger = logging.getLogger("trl_alp.cli.demo")
     logger.addHandler(records)
     try:
         assert main(["demo", "--model", "tiny", "--max_steps", str(STEPS), "--output_dir", str(out)]) == 0
@@ -89,7 +89,7 @@ def test_estimate_is_logged_once_from_measured_steps(demo):
 )
 def test_estimate_skips_the_warm_up_cycle_when_the_run_is_long_enough(monkeypatch, max_steps, window):
     """The first cycle's steps (slow here: 10 s each) are left out whenever a second cycle (1 s each) follows."""
-    from trl_alp.tools import demo as demo_module
+    from trl_alp.cli import demo as demo_module
 
     now = [0.0]
     monkeypatch.setattr(demo_module.time, "perf_counter", lambda: now[0])
@@ -115,7 +115,7 @@ def test_estimate_arithmetic():
 
 
 def test_alp_runs_calibrate_sigma_and_the_others_keep_the_defaults(caplog):
-    from trl_alp.tools.demo import DemoArguments, _run_config, check_demo_args
+    from trl_alp.cli.demo import DemoArguments, _run_config, check_demo_args
 
     args = DemoArguments(model="tiny")
     check_demo_args(args)

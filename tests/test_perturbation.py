@@ -15,7 +15,7 @@ from trl_alp.perturbation import (
     seeded_noise,
     validate_layer_spec,
 )
-from trl_alp.tools.tiny import TINY_CONFIGS, build_tiny_model
+from trl_alp.cli.tiny import TINY_CONFIGS, build_tiny_model
 
 EXPECTED_PATHS = {
     "llama": "model.layers",

@@ -11,7 +11,7 @@ from tiny_setup import last_logged
 
 from trl_alp import ALPConfig
 from trl_alp.presets import PRESETS
-from trl_alp.tools.cli import main
+from trl_alp.cli.main import main
 
 CPU = {"bf16": False, "use_cpu": True, "report_to": "none"}
 
@@ -85,7 +85,7 @@ def test_readme_config_examples_run(marker, tmp_path, monkeypatch):
 
 def test_single_turn_preset_trains_with_the_clamped_kl(make_trainer, tokenizer, tmp_path):
     model_dir = tmp_path / "base"
-    from trl_alp.tools.tiny import build_tiny_model
+    from trl_alp.cli.tiny import build_tiny_model
 
     build_tiny_model(tokenizer).save_pretrained(model_dir)  # beta > 0: TRL rebuilds the reference from the path
     from transformers import AutoModelForCausalLM
@@ -146,7 +146,7 @@ def test_recipe_yamls_use_valid_fields():
     import yaml
     from trl import ModelConfig
 
-    from trl_alp.tools.cli import TrainScriptArguments
+    from trl_alp.cli.main import TrainScriptArguments
 
     known = {f.name for cls in (TrainScriptArguments, ALPConfig, ModelConfig) for f in dataclasses.fields(cls)}
     for recipe in (files("trl_alp") / "recipes").iterdir():

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trl_alp.tools import cli
-from trl_alp.tools.cli import main
+from trl_alp.cli import main as cli
+from trl_alp.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -8,9 +8,9 @@ import math
 import pytest
 
 from trl_alp import ALPConfig
-from trl_alp.tools import stress
-from trl_alp.tools.cli import main
-from trl_alp.tools.stress import PRESETS, Cell, StressArguments, classify, parse_correction, summarize_history
+from trl_alp.cli import stress
+from trl_alp.cli.main import main
+from trl_alp.cli.stress import PRESETS, Cell, StressArguments, classify, parse_correction, summarize_history
 
 MICRO = ["--cells", "4bit-s2", "--corrections", "grpo,seq-alp@auto", "--seeds", "1", "--max_steps", "2"]
 MICRO += ["--sigma_target", "2.0"]

@@ -13,7 +13,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 import trl_alp.perturbation as perturbation_module
 from trl_alp import ALPGRPOTrainer
-from trl_alp.tools.tiny import build_tiny_model
+from trl_alp.cli.tiny import build_tiny_model
 
 
 def _hooks(trainer):

@@ -1,6 +1,6 @@
 """``trl-alp bench``: the cost of ALP against TRL's `GRPOTrainer` on the user's own hardware.
 
-Every *arm* (scenario × trainer) runs in a fresh process (``python -m trl_alp.tools.bench --worker SPEC``), so peak
+Every *arm* (scenario × trainer) runs in a fresh process (``python -m trl_alp.cli.bench --worker SPEC``), so peak
 memory is its own and no allocator or cache state leaks between arms; arms are interleaved (GRPO, ALP, ALP, GRPO,
 ...) over ``--repeats`` rounds so slow drifts of a shared machine hit both trainers alike. Each optimizer step is split:
 
@@ -406,9 +406,9 @@ def run_arm(spec: dict) -> dict:
 
 
 def _worker_main(argv: list[str]) -> None:
-    """``python -m trl_alp.tools.bench --worker SPEC.json``: run one arm, write its result next to the spec."""
+    """``python -m trl_alp.cli.bench --worker SPEC.json``: run one arm, write its result next to the spec."""
     if len(argv) != 2 or argv[0] != "--worker":
-        raise SystemExit("usage: python -m trl_alp.tools.bench --worker SPEC.json")
+        raise SystemExit("usage: python -m trl_alp.cli.bench --worker SPEC.json")
     os.dup2(2, 1)  # the parent's stdout belongs to its table / JSON: everything of the worker goes to stderr
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with open(argv[1]) as f:
@@ -426,7 +426,7 @@ def _spawn(spec: dict, workdir: str) -> dict:
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     load_before = os.getloadavg()[0]
-    done = subprocess.run([sys.executable, "-m", "trl_alp.tools.bench", "--worker", spec_path], check=False)
+    done = subprocess.run([sys.executable, "-m", "trl_alp.cli.bench", "--worker", spec_path], check=False)
     if done.returncode != 0:
         raise RuntimeError(f"bench arm {name} failed (exit status {done.returncode}); its log is above.")
     with open(spec["result"]) as f:

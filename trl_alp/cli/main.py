@@ -38,7 +38,7 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 MODEL_ALIASES = ("smollm2", "tiny")
 # Defaults that replace TRL's for an offline model alias, unless given on the command line or in the recipe.
 ALIAS_DEFAULTS = {"tiny": {"max_completion_length": 16}}  # the tiny model has 256 positions; TRL's default is 512
-# TRL's `trl grpo` reward registry (same names, same settings); ours are in `trl_alp.tools.data.REWARD_FUNCS`.
+# TRL's `trl grpo` reward registry (same names, same settings); ours are in `trl_alp.cli.data.REWARD_FUNCS`.
 TRL_REWARDS = ("accuracy_reward", "reasoning_accuracy_reward", "think_format_reward", "get_soft_overlong_punishment")
 # Keyword arguments GRPOTrainer passes to every reward function itself (the others come from dataset columns).
 TRL_REWARD_KWARGS = {"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric"}
@@ -83,7 +83,7 @@ class TrainScriptArguments:
         default_factory=list,
         metadata={
             "help": "Functions the model may call during generation ('package.module:function', e.g. "
-            "'trl_alp.tools.data:calculator'), run by TRL's multi-turn tool loop. With --model_name_or_path tiny the "
+            "'trl_alp.cli.data:calculator'), run by TRL's multi-turn tool loop. With --model_name_or_path tiny the "
             "tiny tokenizer gets a tool-calling chat template."
         },
     )

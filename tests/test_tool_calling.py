@@ -15,9 +15,9 @@ from readme_blocks import readme_block
 from tiny_setup import PROMPT_ROWS, TRAINER_SETTINGS, last_logged
 
 from trl_alp import ALPConfig, ALPGRPOTrainer
-from trl_alp.tools.cli import main
-from trl_alp.tools.data import calculator
-from trl_alp.tools.tiny import build_tiny_model, build_tool_tokenizer
+from trl_alp.cli.main import main
+from trl_alp.cli.data import calculator
+from trl_alp.cli.tiny import build_tiny_model, build_tool_tokenizer
 
 CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "3 + 4"}}\n</tool_call>'
 
@@ -238,10 +238,10 @@ def test_cli_tool_recipe_trains_with_the_calculator(tmp_path, monkeypatch):
 def test_cli_tools_split_on_commas_and_bad_tools_fail_in_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = ["train", "--model_name_or_path", "tiny", "--bf16", "false", "--use_cpu", "true", "--report_to", "none"]
-    assert main([*argv, "--tools", "trl_alp.tools.data:calculator,no.such.module:tool"]) == 2
+    assert main([*argv, "--tools", "trl_alp.cli.data:calculator,no.such.module:tool"]) == 2
     assert "cannot import tool 'no.such.module:tool': no module named 'no'" in capsys.readouterr().err
-    assert main([*argv, "--tools", "trl_alp.tools.data:no_such_tool"]) == 2
+    assert main([*argv, "--tools", "trl_alp.cli.data:no_such_tool"]) == 2
     error = capsys.readouterr().err
-    assert "cannot import tool 'trl_alp.tools.data:no_such_tool': module 'trl_alp.tools.data' has no function" in error
+    assert "cannot import tool 'trl_alp.cli.data:no_such_tool': module 'trl_alp.cli.data' has no function" in error
     assert main([*argv, "--tools", "calculator"]) == 2
     assert "tool 'calculator': use 'package.module:function'" in capsys.readouterr().err
