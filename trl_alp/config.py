@@ -218,9 +218,11 @@ class ALPConfig(GRPOConfig):
     alp_rollout_dtype: str | None = field(
         default=None,
         metadata={
-            "help": "Generate under autocast in this dtype ('bfloat16' or 'float16') while training in the model's "
-            "dtype: a reproducible training–inference mismatch without vLLM (transformers generate path only).",
-            "choices": [None, "bfloat16", "float16"],
+            "help": "The rollout engine's precision. With use_vllm: the dtype vLLM runs in ('float32': an exact "
+            "engine; 'bfloat16'/'float16': the paper's setting; None: vLLM's 'auto', logged at start). On the "
+            "generate path: generate under autocast in 'bfloat16'/'float16' (a reproducible mismatch without "
+            "vLLM); 'float32' or None: the model's own precision.",
+            "choices": [None, "float32", "bfloat16", "float16"],
         },
     )
     alp_rollout_weight_bits: int | None = field(
@@ -310,10 +312,10 @@ class ALPConfig(GRPOConfig):
                 f"got {self.alp_rollout_weight_bits!r}"
             )
         self._check_rollout_mask_and_kl_clamp()
-        if self.use_vllm and (self.alp_rollout_dtype or self.alp_rollout_weight_bits):
+        if self.use_vllm and self.alp_rollout_weight_bits:
             raise ValueError(
-                "alp_rollout_dtype / alp_rollout_weight_bits emulate an inference engine; with use_vllm=True vLLM is "
-                "the engine: unset them."
+                "alp_rollout_weight_bits emulates a quantised inference engine; with use_vllm=True vLLM is the "
+                "engine: unset it (alp_rollout_dtype sets vLLM's dtype)."
             )
         self._check_trl_options()
         super().__post_init__()

