@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from trl_alp.cli.main import main
 from trl_alp.cli.demo import estimate_remaining_seconds
+from trl_alp.cli.main import main
 
 STEPS = 4  # two generation cycles (steps_per_generation=2): the estimate measures the second
 CORRECTIONS = ["grpo", "seq-bypass", "seq-alp"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_alp.perturbation import find_decoder_layers
 from trl_alp.cli import models
+from trl_alp.perturbation import find_decoder_layers
 
 
 def test_smollm2_converts_once_and_loads_offline(tmp_path, monkeypatch):

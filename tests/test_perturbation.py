@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from trl_alp.cli.tiny import TINY_CONFIGS, build_tiny_model
 from trl_alp.perturbation import (
     LayerPerturbation,
     add_seeded_noise,
@@ -15,7 +16,6 @@ from trl_alp.perturbation import (
     seeded_noise,
     validate_layer_spec,
 )
-from trl_alp.cli.tiny import TINY_CONFIGS, build_tiny_model
 
 EXPECTED_PATHS = {
     "llama": "model.layers",

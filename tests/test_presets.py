@@ -10,8 +10,8 @@ from readme_blocks import README, readme_block
 from tiny_setup import last_logged
 
 from trl_alp import ALPConfig
-from trl_alp.presets import PRESETS
 from trl_alp.cli.main import main
+from trl_alp.presets import PRESETS
 
 CPU = {"bf16": False, "use_cpu": True, "report_to": "none"}
 

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from tiny_setup import last_logged
 
 from trl_alp import ALPGRPOTrainer
-from trl_alp.loss import aggregate_loss, alp_log_weights, clipped_surrogate, sequence_log_ratio
 from trl_alp.cli.tiny import build_tiny_model
+from trl_alp.loss import aggregate_loss, alp_log_weights, clipped_surrogate, sequence_log_ratio
 
 
 def _all_finite(trainer):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from trl_alp.rollout import SampledLogprobRecorder, record_generate_logprobs
 from trl_alp.cli.tiny import build_tiny_model
+from trl_alp.rollout import SampledLogprobRecorder, record_generate_logprobs
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

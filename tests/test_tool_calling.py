@@ -15,8 +15,8 @@ from readme_blocks import readme_block
 from tiny_setup import PROMPT_ROWS, TRAINER_SETTINGS, last_logged
 
 from trl_alp import ALPConfig, ALPGRPOTrainer
-from trl_alp.cli.main import main
 from trl_alp.cli.data import calculator
+from trl_alp.cli.main import main
 from trl_alp.cli.tiny import build_tiny_model, build_tool_tokenizer
 
 CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "3 + 4"}}\n</tool_call>'

@@ -19,8 +19,8 @@ from tiny_setup import PROMPT_ROWS, TRAINER_SETTINGS, length_reward
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_alp import ALPConfig, ALPGRPOTrainer
-from trl_alp.loss import LOSS_TYPES
 from trl_alp.cli.tiny import build_tiny_model
+from trl_alp.loss import LOSS_TYPES
 from trl_alp.trainer import TRL_METHODS
 
 RTOL = 1e-6  # of the loss, and of each gradient relative to its largest entry
