@@ -111,9 +111,9 @@ class ALPVLLMGeneration(VLLMGeneration):
         self._check_live()
         if self.mode != "colocate" or not self.on_cpu:
             return super().sync_weights()
-        # The reload finalises layer by layer: every tensor must arrive in the one call.
-        weights = [(name, param.detach()) for name, param in self._iter_named_params()]
-        self.llm.llm_engine.model_executor.driver_worker.reload_weights(weights_iterator=iter(weights))
+        # The reload finalises layer by layer: every tensor must arrive in the one call. The iterator is consumed
+        # inside it, while TRL's PEFT branch holds the adapter merged (it unmerges the same tensors afterwards).
+        self.llm.llm_engine.model_executor.driver_worker.reload_weights(weights_iterator=self._iter_named_params())
         self.llm.reset_prefix_cache()
 
     def release(self) -> None:
