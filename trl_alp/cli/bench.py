@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 SCENARIOS = {"no-correction": {}, "old-logprobs": {"num_iterations": 2}, "stale-steps": {"steps_per_generation": 2}}
 KINDS = ("grpo", "alp")
 FINETUNE = ("auto", "lora", "full")
+ENGINES = ("generate", "vllm")
 PHASES = (
     "whole_step_s",
     "generation_s",
@@ -79,6 +80,13 @@ class BenchArguments:
     scenarios: str = field(
         default=",".join(SCENARIOS), metadata={"help": f"Comma-separated subset of {list(SCENARIOS)}."}
     )
+    engine: str = field(
+        default="generate",
+        metadata={
+            "help": "Rollout engine of both trainers: 'generate' (transformers) or 'vllm' (colocated vLLM in fp32; "
+            "vLLM's CPU build on a CPU; 'tiny' then uses its vLLM-compatible variant)."
+        },
+    )
     threads: int = field(
         default=0,
         metadata={
@@ -104,6 +112,8 @@ class BenchArguments:
             raise ValueError(
                 f"--completions ({self.completions}) must be a multiple of --num_generations ({self.num_generations})"
             )
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine must be one of {list(ENGINES)}, got {self.engine!r}")
         if self.finetune not in FINETUNE:
             raise ValueError(f"--finetune must be one of {list(FINETUNE)}, got {self.finetune!r}")
         unknown = [s for s in self.scenario_list if s not in SCENARIOS]
@@ -313,6 +323,7 @@ def run_arm(spec: dict) -> dict:
 
     from ..config import ALPConfig
     from ..trainer import ALPGRPOTrainer
+    from ..vllm_engine import alp_engine
     from .data import REWARD_FUNCS, arithmetic_dataset
     from .models import load_offline_model
 
@@ -340,22 +351,27 @@ def run_arm(spec: dict) -> dict:
         disable_tqdm=True,
         **scenario,
     )
-    config = GRPOConfig(**settings) if spec["kind"] == "grpo" else ALPConfig(correction="seq-alp", **settings)
-    model, tokenizer, lora = load_offline_model(spec["model"])
+    if spec["engine"] == "vllm":  # the same exact engine for both trainers: the comparison stays ALP vs GRPO
+        settings.update(use_vllm=True, vllm_mode="colocate")
+    alp = {"alp_rollout_dtype": "float32"} if spec["engine"] == "vllm" else {}
+    config = GRPOConfig(**settings) if spec["kind"] == "grpo" else ALPConfig(correction="seq-alp", **alp, **settings)
+    model, tokenizer, lora = load_offline_model(spec["model"], engine=spec["engine"])
     finetune = spec["finetune"]
     if finetune == "full":
         lora = None
     elif finetune == "lora" and lora is None:
         lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     prompts = generations * per_generation * spec["completions"] // spec["num_generations"]
-    trainer = (GRPOTrainer if spec["kind"] == "grpo" else ALPGRPOTrainer)(
-        model=model,
-        reward_funcs=REWARD_FUNCS["number_format"],
-        args=config,
-        train_dataset=arithmetic_dataset(max(64, prompts)),
-        processing_class=tokenizer,
-        peft_config=lora,
-    )
+    # TRL's GRPOTrainer builds the same engine as ALP's (TRL's weight sync cannot write to vLLM's CPU backend)
+    with alp_engine("float32" if spec["engine"] == "vllm" else None):
+        trainer = (GRPOTrainer if spec["kind"] == "grpo" else ALPGRPOTrainer)(
+            model=model,
+            reward_funcs=REWARD_FUNCS["number_format"],
+            args=config,
+            train_dataset=arithmetic_dataset(max(64, prompts)),
+            processing_class=tokenizer,
+            peft_config=lora,
+        )
     for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)
     timer = StepTimer(trainer, cuda)
@@ -380,6 +396,7 @@ def run_arm(spec: dict) -> dict:
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     result = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "engine": spec["engine"],
         "finetune": "lora" if lora is not None else "full",
         "threads": torch.get_num_threads(),
         # one record per generation cycle: the per-step mean of each phase over the cycle's steps

