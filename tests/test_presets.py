@@ -1,6 +1,7 @@
 """The published-recipe presets: the README table, explicit arguments winning, the CLI, and a training step each."""
 
 import ast
+import copy
 import dataclasses
 import re
 from importlib.resources import files
@@ -62,14 +63,25 @@ def test_explicit_arguments_win_even_at_their_default_value():
     assert config.max_tool_calling_iterations == 4
 
 
-def test_a_dataclass_subclass_falls_back_to_fields_at_their_default():
+def test_a_dataclass_subclass_keeps_explicit_arguments_at_their_default_value():
     @dataclasses.dataclass
     class MyConfig(ALPConfig):
         my_field: int = 0
 
     config = MyConfig(output_dir="x", alp_recipe="paper-multi-turn", alp_dual_clip=10.0, alp_epsilon_high=2.0, **CPU)
     assert config.alp_epsilon_high == 2.0  # changed from the default: kept
-    assert config.alp_dual_clip == 3.0  # equal to the default: indistinguishable from "not given" (documented)
+    assert config.alp_dual_clip == 10.0  # the default, passed explicitly: kept too (the preset's is 3.0)
+    assert config.alp_sigma_learning_rate == 5e-4  # not passed: the preset's
+
+
+def test_copies_keep_their_values():
+    config = ALPConfig(output_dir="x", alp_recipe="paper-multi-turn", alp_dual_clip=10.0, **CPU)
+    copied = copy.deepcopy(config)
+    assert (copied.alp_dual_clip, copied.alp_sigma_learning_rate, copied._alp_explicit) == (
+        10.0,
+        5e-4,
+        config._alp_explicit,
+    )
 
 
 def test_unknown_recipe_is_rejected():

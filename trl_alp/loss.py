@@ -150,18 +150,40 @@ def kl_weights(logps: torch.Tensor, denominator_logps: torch.Tensor, mask: torch
     return torch.exp((logps - denominator_logps).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
 
-def k3_kl(logps: torch.Tensor, other_logps: torch.Tensor, *, clamp: tuple[float, float] | None = None) -> torch.Tensor:
-    """Per-token low-variance KL estimate ``exp(o − p) − (o − p) − 1`` (TRL's form for the reference KL).
+def k3(log_ratio: torch.Tensor, *, clamp: tuple[float, float] | None = None) -> torch.Tensor:
+    """The package's one k3 KL estimator, per element: ``r − 1 − log r`` with ``log r = log_ratio``.
 
-    ``clamp=(max_log_ratio, max_value)`` bounds it as verl's ``low_var_kl`` does (the ALP authors' single-turn KL,
-    ``core_algos.kl_penalty_forward``): ``o − p`` clamped to ``±max_log_ratio``, the estimate to ``±max_value``.
-    ``None`` (TRL's default) leaves it unbounded.
+    Used by the loss's KL term (:func:`k3_kl`), the logged ``alp/mismatch/k3_kl`` and σ₀ calibration, so the three
+    measure the same thing. Computed as ``expm1(x) − x``: the same gradient as TRL's ``exp(x) − x − 1`` and no
+    cancellation for the small KLs that calibration compares (pass float64 where 1e-8 matters).
+
+    Args:
+        log_ratio: Log-ratio ``log r`` of the two policies on the sampled tokens, any shape.
+        clamp: ``(max_log_ratio, max_value)`` bounds it as verl's ``low_var_kl`` does (the ALP authors' single-turn
+            KL): ``log r`` clamped to ``±max_log_ratio``, the estimate to ``±max_value``. ``None`` leaves it
+            unbounded (TRL's form).
+
+    Returns:
+        The per-element estimate, same shape and dtype as `log_ratio`.
     """
-    diff = other_logps - logps
     if clamp is not None:
-        diff = diff.clamp(-clamp[0], clamp[0])
-    kl = torch.exp(diff) - diff - 1
+        log_ratio = log_ratio.clamp(-clamp[0], clamp[0])
+    kl = torch.expm1(log_ratio) - log_ratio
     return kl if clamp is None else kl.clamp(-clamp[1], clamp[1])
+
+
+def k3_kl(logps: torch.Tensor, other_logps: torch.Tensor, *, clamp: tuple[float, float] | None = None) -> torch.Tensor:
+    """Per-token KL(π‖other) estimate of the loss's KL term: :func:`k3` of ``other_logps − logps`` (TRL's form).
+
+    Args:
+        logps: Log-probs of the policy being trained, ``(B, T)``.
+        other_logps: Log-probs of the other policy (the reference), ``(B, T)``.
+        clamp: As in :func:`k3`.
+
+    Returns:
+        ``(B, T)`` per-token estimates.
+    """
+    return k3(other_logps - logps, clamp=clamp)
 
 
 def aggregate_loss(
