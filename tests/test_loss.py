@@ -133,3 +133,23 @@ def test_tis_token_level_and_open_bounds():
     assert hit.tolist() == [[True, False, False]]
     with pytest.raises(ValueError, match="truncate"):
         rollout_correction_weights(old, rollout, torch.ones(1, 3), "token", "clip", None, 3.0)
+
+
+def test_one_k3_estimator_for_the_loss_the_logged_metric_and_calibration():
+    """The loss's KL term, the logged alp/mismatch/k3_kl and σ₀ calibration measure the same thing, to float64."""
+    from trl_alp.calibration import masked_k3_kl
+    from trl_alp.metrics import mismatch_stats
+
+    generator = torch.Generator().manual_seed(0)
+    rollout = -3 * torch.rand(4, 6, generator=generator, dtype=torch.float64)
+    train = rollout + 1e-3 * torch.randn(4, 6, generator=generator, dtype=torch.float64)  # a small mismatch
+    mask = torch.ones(4, 6, dtype=torch.float64)
+    mask[0, 4:] = 0
+    log_r = train - rollout
+    exact = sum(math.exp(x) - 1 - x for x in log_r[mask.bool()].tolist()) / mask.sum().item()  # r − 1 − log r
+    from_loss = ((k3_kl(rollout, train) * mask).sum() / mask.sum()).item()
+    from_metric = mismatch_stats(log_r[mask.bool()], torch.zeros(4))["k3_kl"]
+    from_calibration = masked_k3_kl(log_r, mask)
+    assert from_loss == pytest.approx(exact, rel=1e-9)
+    assert from_calibration == pytest.approx(exact, rel=1e-9)
+    assert from_metric == pytest.approx(exact, rel=1e-6)  # reported as a float32 value

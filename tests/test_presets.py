@@ -1,12 +1,13 @@
-"""The published-recipe presets: the README table, explicit arguments winning, the CLI, and a training step each."""
+"""The published-recipe presets: the table in docs/recipes.md, explicit arguments winning, the CLI, and a training step each."""
 
 import ast
+import copy
 import dataclasses
 import re
 from importlib.resources import files
 
 import pytest
-from readme_blocks import README, readme_block
+from doc_blocks import doc_block, doc_files
 from tiny_setup import last_logged
 
 from trl_alp import ALPConfig
@@ -16,9 +17,9 @@ from trl_alp.presets import PRESETS
 CPU = {"bf16": False, "use_cpu": True, "report_to": "none"}
 
 
-def readme_preset_table() -> dict[str, dict[str, object]]:
-    """``{preset: {field: value}}`` from the README's flag table (backticked literals in the preset columns)."""
-    lines = readme_block("presets", "table").splitlines()
+def docs_preset_table() -> dict[str, dict[str, object]]:
+    """``{preset: {field: value}}`` from the flag table of docs/recipes.md (backticked literals in the preset columns)."""
+    lines = doc_block("presets", "table").splitlines()
     rows = [[cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip().strip("|"))] for line in lines]
     header, rows = rows[0], rows[2:]
     columns = {name: header.index(f"`{name}`") for name in PRESETS}
@@ -34,8 +35,8 @@ def readme_preset_table() -> dict[str, dict[str, object]]:
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
-def test_every_preset_field_matches_the_readme_table(name):
-    table = readme_preset_table()[name]
+def test_every_preset_field_matches_the_docs_table(name):
+    table = docs_preset_table()[name]
     assert table == PRESETS[name]  # same fields, same values: the table documents exactly what the preset sets
     config = ALPConfig(output_dir="x", alp_recipe=name, **CPU)
     for field, value in table.items():
@@ -62,14 +63,25 @@ def test_explicit_arguments_win_even_at_their_default_value():
     assert config.max_tool_calling_iterations == 4
 
 
-def test_a_dataclass_subclass_falls_back_to_fields_at_their_default():
+def test_a_dataclass_subclass_keeps_explicit_arguments_at_their_default_value():
     @dataclasses.dataclass
     class MyConfig(ALPConfig):
         my_field: int = 0
 
     config = MyConfig(output_dir="x", alp_recipe="paper-multi-turn", alp_dual_clip=10.0, alp_epsilon_high=2.0, **CPU)
     assert config.alp_epsilon_high == 2.0  # changed from the default: kept
-    assert config.alp_dual_clip == 3.0  # equal to the default: indistinguishable from "not given" (documented)
+    assert config.alp_dual_clip == 10.0  # the default, passed explicitly: kept too (the preset's is 3.0)
+    assert config.alp_sigma_learning_rate == 5e-4  # not passed: the preset's
+
+
+def test_copies_keep_their_values():
+    config = ALPConfig(output_dir="x", alp_recipe="paper-multi-turn", alp_dual_clip=10.0, **CPU)
+    copied = copy.deepcopy(config)
+    assert (copied.alp_dual_clip, copied.alp_sigma_learning_rate, copied._alp_explicit) == (
+        10.0,
+        5e-4,
+        config._alp_explicit,
+    )
 
 
 def test_unknown_recipe_is_rejected():
@@ -78,9 +90,9 @@ def test_unknown_recipe_is_rejected():
 
 
 @pytest.mark.parametrize("marker", ["presets", "mask"])
-def test_readme_config_examples_run(marker, tmp_path, monkeypatch):
+def test_docs_config_examples_run(marker, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    exec(readme_block(marker, "example"), {})
+    exec(doc_block(marker), {})
 
 
 def test_single_turn_preset_trains_with_the_clamped_kl(make_trainer, tokenizer, tmp_path):
@@ -133,9 +145,9 @@ def test_cli_recipe_flags_and_yaml_win(tmp_path, captured_args):
     assert args.alp_sigma_learning_rate == 5e-4 and args.loss_type == "bnpo"  # the preset fills the rest
 
 
-def test_readme_cli_preset_command_runs(tmp_path, monkeypatch):
+def test_docs_cli_preset_command_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    text = README.read_text()
+    text = "\n".join(path.read_text() for path in doc_files())
     command = re.search(r"trl-alp train --model_name_or_path tiny [^\n]*--alp_recipe paper-single-turn[^\n]*", text)
     argv = command.group(0).split()[1:]
     assert main([*argv, "--max_steps", "1", "--output_dir", str(tmp_path / "o")]) == 0

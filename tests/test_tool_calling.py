@@ -10,8 +10,8 @@ from importlib.resources import files
 import pytest
 import torch
 from datasets import Dataset
+from doc_blocks import doc_block
 from engines import StandInVLLM, script_generation
-from readme_blocks import readme_block
 from tiny_setup import PROMPT_ROWS, TRAINER_SETTINGS, last_logged
 
 from trl_alp import ALPConfig, ALPGRPOTrainer
@@ -210,14 +210,14 @@ def test_masked_truncated_completions_give_a_finite_zero_loss(tool_tokenizer, tm
     assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))
 
 
-def test_readme_tools_example_runs(tmp_path, monkeypatch):
+def test_docs_tools_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    exec(readme_block("tools", "example"), {})
+    exec(doc_block("tools"), {})
     assert (tmp_path / "runs" / "tools").is_dir()
 
 
 def test_cli_tool_recipe_trains_with_the_calculator(tmp_path, monkeypatch):
-    """The README's `trl-alp train --config trl_alp/recipes/tiny_tool_use.yaml`, one step."""
+    """The docs' `trl-alp train --config trl_alp/recipes/tiny_tool_use.yaml`, one step."""
     from trl_alp.trainer import ALPGRPOTrainer
 
     seen, train = {}, ALPGRPOTrainer.train

@@ -247,6 +247,16 @@ def test_alp_state_stores_the_whole_perturbation_setup(make_trainer, tmp_path):
     }
 
 
+def test_model_card_cites_alp_and_describes_the_run(make_trainer, tmp_path):
+    trainer = make_trainer(max_steps=1, alp_init_sigma=0.05)
+    trainer.save_model(str(tmp_path / "out"))
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Adaptive Layerwise Perturbation: Unifying Off-Policy Corrections for LLM RL" in card
+    assert "2603.19470" in card and "DeepSeekMath" not in card  # not GRPOTrainer's citation
+    assert "## ALP settings" in card and "`seq-alp`" in card and "| initial σ₀ | `0.05` |" in card
+    assert "`alp_state.json`" in card and "`log_sigma`" in card
+
+
 @pytest.mark.parametrize(
     ("saved", "resumed", "differs"),
     [

@@ -4,7 +4,7 @@ model is fp64 so back-propagation adds no error of its own), wherever the ratio 
 
 The inputs come from TRL's real `_generate_and_score_completions` on its vLLM path (a stand-in engine reports the
 sampled tokens' log-probs with seeded noise), so the TIS/MIS cases are checked against TRL's own importance-sampling
-code. Where ALP differs on purpose (README, "Differences from GRPOTrainer"), the test asserts the difference.
+code. Where ALP differs on purpose (docs/corrections.md, "Differences from GRPOTrainer"), the test asserts the difference.
 """
 
 import copy

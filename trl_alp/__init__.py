@@ -10,13 +10,14 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .config import CORRECTIONS, ALPConfig
+    from .config import ALPConfig
+    from .corrections import CORRECTIONS
     from .trainer import ALPGRPOTrainer
 
 __version__ = "0.1.0"
 __all__ = ["ALPConfig", "ALPGRPOTrainer", "CORRECTIONS", "__version__"]
 
-_LAZY = {"ALPConfig": ".config", "CORRECTIONS": ".config", "ALPGRPOTrainer": ".trainer"}
+_LAZY = {"ALPConfig": ".config", "CORRECTIONS": ".corrections", "ALPGRPOTrainer": ".trainer"}
 
 
 def __getattr__(name: str):

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .loss import k3
+
 # No measurable mismatch below this k3 KL (nats/token): fp32 rollouts of the training weights give ~1e-12.
 MISMATCH_KL_FLOOR = 1e-8
 # σ₀ used when there is no mismatch to calibrate against (the authors' single-turn value).
@@ -93,14 +95,20 @@ def calibrate_sigma(
 
 
 def masked_k3_kl(log_ratio: torch.Tensor, mask: torch.Tensor, reduce: bool = True):
-    """k3 estimate ``mean(r − 1 − log r)`` with ``log r = log_ratio`` over the tokens where `mask` is set.
+    """Masked mean of `trl_alp.loss.k3` (the logged ``alp/mismatch/k3_kl`` estimator) over the tokens in `mask`.
 
-    The same estimator as the logged ``alp/mismatch/k3_kl``: with ``log r = log π − log μ`` on tokens sampled from
-    μ it estimates KL(μ‖π). ``reduce=False`` returns the ``(sum, count)`` tensors (for a cross-process reduction).
+    Args:
+        log_ratio: ``log π − log μ`` (or noisy − clean) per token; entries outside `mask` are ignored, even non-finite.
+        mask: 1 for the tokens to average over.
+        reduce: ``False`` returns the ``(sum, count)`` tensors, for a cross-process reduction.
+
+    Returns:
+        The mean as a float (NaN when `mask` is empty), or ``(sum, count)``. Float64: calibration compares KLs of 1e-6
+        and below, which fp32 cancellation would drown.
     """
-    mask = mask.double()  # float64 and expm1: small KLs (1e-6) would drown in fp32 cancellation
+    mask = mask.double()
     log_ratio = torch.where(mask.bool(), log_ratio.double(), 0.0)
-    total = ((torch.expm1(log_ratio) - log_ratio) * mask).sum()
+    total = (k3(log_ratio) * mask).sum()
     count = mask.sum()
     if not reduce:
         return total, count

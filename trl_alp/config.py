@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from trl import GRPOConfig
 
+from .corrections import CORRECTIONS, Correction
 from .loss import ROLLOUT_MASK_LEVELS, Clip
 from .perturbation import validate_layer_spec
 from .presets import PRESETS, apply_preset
@@ -20,78 +19,6 @@ logger = logging.getLogger(__name__)
 
 # verl's low_var_kl bounds (the ALP authors' single-turn KL): log-ratio to ±20, estimate to ±10.
 KL_CLAMP = (20.0, 10.0)
-
-
-class Correction(NamedTuple):
-    """A parsed `correction` value: the facts the trainer needs, so adding a correction touches config and loss only.
-
-    ``family`` is ``alp`` | ``bypass`` | ``grpo`` | ``tis`` | ``mis``; ``level`` is the ratio level of ALP/Bypass
-    (``token`` | ``sequence`` | ``geometric``) or the level of the TIS/MIS weight (``token`` | ``sequence``).
-    """
-
-    name: str
-    family: str
-    level: str
-    description: str
-
-    @property
-    def perturbs(self) -> bool:
-        """Noise in the loss forward (ALP)."""
-        return self.family == "alp"
-
-    @property
-    def uses_old_logps(self) -> bool:
-        """The ratio's denominator is TRL's recomputed π_old (so TRL's old-log-prob pass must not be skipped)."""
-        return self.family in ("grpo", "tis", "mis")
-
-    @property
-    def uses_alp_clip(self) -> bool:
-        """The ratio is clipped with the alp_epsilon_* / alp_dual_clip fields (else TRL's epsilon / delta)."""
-        return self.family in ("alp", "bypass")
-
-    @property
-    def is_mode(self) -> str | None:
-        """How the TIS/MIS rollout weight π_old/μ is bounded: ``truncate`` | ``mask`` (None outside TIS/MIS)."""
-        return {"tis": "truncate", "mis": "mask"}.get(self.family)
-
-    @property
-    def trl_is_mode(self) -> str | None:
-        """The same weight as TRL's ``vllm_importance_sampling_mode`` (e.g. ``sequence_mask`` for ``seq-mis``)."""
-        return None if self.is_mode is None else f"{self.level}_{self.is_mode}"
-
-
-_LEVELS = {"seq": "sequence", "token": "token", "geo": "geometric"}
-_ALP = "ALP: perturbed numerator π_θ,δ over the rollout log-probs μ, {} ratio, clip [1−alp_epsilon_low, 1+alp_epsilon_high] + dual clip."
-_BYPASS = "Bypass: numerator π_θ (no noise) over the rollout log-probs μ, {} ratio, same clips as ALP."
-_IS = "{}: TRL's GRPO loss over π_old times the {} rollout weight π_old/μ {} (TRL's vLLM IS semantics)."
-CORRECTIONS: dict[str, Correction] = {
-    **{f"{p}-alp": Correction(f"{p}-alp", "alp", lv, _ALP.format(lv)) for p, lv in _LEVELS.items()},
-    **{f"{p}-bypass": Correction(f"{p}-bypass", "bypass", lv, _BYPASS.format(lv)) for p, lv in _LEVELS.items()},
-    "grpo": Correction(
-        "grpo",
-        "grpo",
-        "trl",
-        "GRPO/GSPO: TRL's own loss and options, unchanged (with vLLM, TRL's own importance-sampling correction).",
-    ),
-    **{
-        f"{p}-tis": Correction(
-            f"{p}-tis",
-            "tis",
-            _LEVELS[p],
-            _IS.format("TIS", _LEVELS[p], "truncated to [vllm_importance_sampling_clip_min, _max]"),
-        )
-        for p in ("token", "seq")
-    },
-    **{
-        f"{p}-mis": Correction(
-            f"{p}-mis",
-            "mis",
-            _LEVELS[p],
-            _IS.format("MIS", _LEVELS[p], "zeroed outside [vllm_importance_sampling_clip_min, _max]"),
-        )
-        for p in ("token", "seq")
-    },
-}
 
 
 def _check_finite(name: str, value: float, *, positive: bool = False, nonnegative: bool = False) -> None:
@@ -121,47 +48,105 @@ def parse_init_sigma(value: float | str | None) -> float | str:
 @dataclass
 class ALPConfig(GRPOConfig):
     r"""
-    Configuration for [`ALPGRPOTrainer`]: every [`~trl.GRPOConfig`] field plus the ALP fields below.
+    Configuration for [`ALPGRPOTrainer`][trl_alp.trainer.ALPGRPOTrainer]: every `trl.GRPOConfig` field plus the ALP
+    fields below.
 
-    The ALP ratio is ``π_{θ,δ}(y) / μ(y)``: the numerator is the training policy's log-probs from a forward pass
-    with learnable Gaussian noise ``σ_l · ε`` added to the input of each selected decoder layer, the denominator the
-    log-probs the rollout engine reported when it sampled. In the ALP and Bypass corrections the PPO clip uses
-    `alp_epsilon_low` / `alp_epsilon_high` / `alp_dual_clip`; TRL's `epsilon`, `epsilon_high`, `delta`,
-    `importance_sampling_level` and the vLLM importance-sampling correction are not used (ALP replaces them).
-    `correction="grpo"` is TRL's loss unchanged; the TIS/MIS corrections are TRL's loss (all its ratio options) times
-    TRL's vLLM importance-sampling weight, on the generate path too.
+    The ALP ratio is ``π_{θ,δ}(y) / μ(y)``: the numerator is the training policy's log-probs from a forward pass with
+    learnable Gaussian noise ``σ_l · ε`` on the input of each selected decoder layer, the denominator the log-probs
+    the rollout engine reported when it sampled. Every check that needs only the config runs at construction, so a
+    typo fails before any model is loaded. The defaults are the ALP authors' single-turn math recipe.
 
-    Every check that needs only the config runs here, at construction. The defaults are the ALP authors' single-turn
-    math recipe (sequence-level ratio; σ₀, σ learning rate, clip and dual clip as the fields below).
+    Parameters: Correction
+        correction (`str`, *optional*, defaults to `"seq-alp"`):
+            The off-policy correction, one of `trl_alp.CORRECTIONS`: `seq-alp` / `token-alp` / `geo-alp` (ALP with a
+            product-of-tokens, per-token or length-normalised ratio), the same three `*-bypass` without noise,
+            `grpo` (TRL's loss unchanged), `token-tis` / `seq-tis` / `token-mis` / `seq-mis` (TRL's loss times TRL's
+            vLLM importance-sampling weight, on the generate path too). Under ALP and Bypass the clip fields below
+            replace TRL's `epsilon`, `epsilon_high`, `delta` and `importance_sampling_level`.
+
+    Parameters: Noise and σ
+        alp_layers (`str` or `list[int]`, *optional*, defaults to `"all"`):
+            Where the noise goes: `"all"`, `"none"` (same as Bypass), `"early"` / `"middle"` / `"late"` (thirds of
+            the stack), `"3"`, `"0-5"`, `"0-2,7"`, a list of ints, or `"logits"` (the final hidden state that the LM
+            head projects, and no decoder layer). A range beyond the model's depth fails when the trainer is built.
+        alp_layers_path (`str`, *optional*):
+            Dotted path of the decoder-layer `nn.ModuleList` (e.g. `"model.layers"`), for architectures the automatic
+            search does not know.
+        alp_init_sigma (`float` or `str`, *optional*, defaults to `0.02`):
+            Initial σ₀ of every perturbed layer (> 0; the authors use 0.02 single-turn, 1e-6 multi-turn), or `"auto"`:
+            calibrated on the first batch so that the noise's k3 KL to the clean policy is `alp_sigma_target` times
+            the measured training–rollout mismatch KL (0.02 with a warning when there is no measurable mismatch).
+        alp_sigma_target (`float`, *optional*, defaults to `1.0`):
+            With `alp_init_sigma="auto"`: the noise's KL as a multiple of the mismatch KL.
+        alp_learn_sigma (`bool`, *optional*, defaults to `True`):
+            Learn σ (one log-scale per layer) with the RL loss; `False` freezes it.
+        alp_sigma_learning_rate (`float`, *optional*, defaults to `1e-2`):
+            Peak learning rate of σ's optimizer group (it follows the main schedule's shape). Authors: 1e-2
+            single-turn, 5e-4 multi-turn.
+        alp_sigma_weight_decay (`float`, *optional*, defaults to `0.01`):
+            Weight decay of σ's optimizer group, on log σ.
+        alp_relative_sigma (`bool`, *optional*, defaults to `False`):
+            Scale each token's noise by its detached hidden-state RMS, so one σ₀ fits models whose residual streams
+            differ in scale. `False` is the paper's absolute σ.
+        alp_noise_seed (`int`, *optional*):
+            Seed of the noise; `None` uses `seed`.
+
+    Parameters: Clip
+        alp_epsilon_low (`float`, *optional*, defaults to `0.5`):
+            Lower PPO clip of the ALP/Bypass ratio: ratio ≥ 1 − `alp_epsilon_low`; in (0, 1).
+        alp_epsilon_high (`float`, *optional*, defaults to `3.0`):
+            Upper PPO clip of the ALP/Bypass ratio: ratio ≤ 1 + `alp_epsilon_high`.
+        alp_dual_clip (`float`, *optional*, defaults to `10.0`):
+            Dual clip c for negative advantages: the loss is at most c·|A|. Must exceed 1 (the authors' only bound);
+            `None` disables it.
+
+    Parameters: Rollout engine
+        alp_rollout_dtype (`str`, *optional*):
+            The rollout engine's precision. With `use_vllm`: the dtype vLLM runs in (`"float32"`, `"bfloat16"`,
+            `"float16"`; `None` is vLLM's `"auto"`). On the generate path: generate under `"bfloat16"`/`"float16"`
+            autocast, a reproducible mismatch without vLLM.
+        alp_rollout_weight_bits (`int`, *optional*):
+            Generate from fake-quantised weights (4 or 8 bits, per-channel round-to-nearest): a reproducible mismatch
+            on the generate path (not with `use_vllm`).
+        alp_log_unperturbed_ratio (`bool`, *optional*, defaults to `False`):
+            One extra no-grad clean forward per micro-step, its ratio to the rollout logged under `alp/unperturbed/*`.
+
+    Parameters: Rollout mask and KL
+        alp_rollout_mask (`str`, *optional*):
+            The authors' rollout rejection mask on top of an ALP/Bypass ratio: the weight π_old/μ per `"token"`, as
+            the `"sequence"` product or its `"geometric"` mean, zeroes the loss outside
+            [`alp_rollout_mask_min`, `alp_rollout_mask_max`]. `None` disables it.
+        alp_rollout_mask_min (`float`, *optional*, defaults to `0.0`):
+            Lower bound (inclusive) of π_old/μ that the mask keeps.
+        alp_rollout_mask_max (`float`, *optional*, defaults to `5.0`):
+            Upper bound (inclusive) of π_old/μ that the mask keeps.
+        alp_rollout_mask_weighted (`bool`, *optional*, defaults to `True`):
+            Multiply the kept tokens' loss by π_old/μ, as the authors do; `False` gives a plain 0/1 mask.
+        alp_kl_clamp (`bool`, *optional*, defaults to `False`):
+            Clamp the k3 KL to the reference like verl's `low_var_kl` (log-ratio to ±20, estimate to [−10, 10]), as
+            in the authors' single-turn recipe. Needs `beta > 0` to matter.
+
+    Parameters: Recipe
+        alp_recipe (`str`, *optional*):
+            `"paper-single-turn"` or `"paper-multi-turn"`: every algorithmic field of one of the authors' released
+            scripts (`trl_alp/presets.py`). Fields you pass explicitly win, even at their default value.
     """
 
     correction: str = field(
         default="seq-alp",
         metadata={
-            "help": "Off-policy correction. 'seq-alp' (default): perturbed numerator, product-of-tokens sequence "
-            "ratio; 'token-alp': per-token ratio; 'geo-alp': length-normalised (geometric mean) sequence ratio; "
-            "'seq-bypass' / 'token-bypass' / 'geo-bypass': the same ratios without noise (Bypass baseline); "
-            "'grpo': TRL's own GRPO/GSPO loss, unchanged; 'token-tis' / 'seq-tis': TRL's loss times the rollout "
-            "weight π_old/μ truncated to [vllm_importance_sampling_clip_min, vllm_importance_sampling_clip_max]; "
-            "'token-mis' / 'seq-mis': the same weight zeroed outside that band (TRL's vLLM IS semantics, also on the "
-            "generate path).",
+            "help": "Off-policy correction: seq-alp (default), token-alp, geo-alp, the *-bypass baselines, grpo (TRL's loss), token/seq-tis, token/seq-mis.",
             "choices": list(CORRECTIONS),
         },
     )
     alp_layers: str = field(
         default="all",
-        metadata={
-            "help": "Where the noise goes: 'all' decoder layers, 'none' (same as Bypass), 'early' / 'middle' / "
-            "'late' (thirds of the stack), an index '3', an inclusive range '0-5', a comma-separated mix "
-            "'0-2,7', a list of ints, or 'logits' (logits-only ablation: the final hidden state that the LM head "
-            "projects, after the final norm, and no decoder layer)."
-        },
+        metadata={"help": "Where the noise goes: all, none, early/middle/late, '3', '0-5', '0-2,7', or logits."},
     )
     alp_layers_path: str | None = field(
         default=None,
         metadata={
-            "help": "Dotted path of the decoder-layer nn.ModuleList relative to the causal LM (e.g. 'model.layers'). "
-            "Default: found automatically for Llama, Qwen2/3, Mistral, Gemma 1/2/3, Phi-3, GPT-2, GPT-NeoX, OPT."
+            "help": "Dotted path of the decoder-layer ModuleList (e.g. 'model.layers'); found automatically for common models."
         },
     )
     # `str` second in the Union: TRL's parser then reads the flag as a string, which `__post_init__` turns into a
@@ -169,27 +154,16 @@ class ALPConfig(GRPOConfig):
     alp_init_sigma: float | str | None = field(
         default=0.02,
         metadata={
-            "help": "Initial noise scale σ₀ of every perturbed layer: a number > 0 (the paper's single-turn 0.02 is "
-            "the default), or 'auto': before the first update, measure the k3 KL between the clean training policy "
-            "and the rollout log-probs on the first batch and pick one σ₀ by no-grad bisection so that the noise's "
-            "own k3 KL to the clean policy is alp_sigma_target × that mismatch KL (falls back to 0.02 with a "
-            "warning when there is no measurable mismatch)."
+            "help": "Initial noise scale σ₀ (> 0), or 'auto': calibrated to the mismatch KL of the first batch."
         },
     )
     alp_sigma_target: float = field(
         default=1.0,
-        metadata={
-            "help": "With alp_init_sigma='auto': the perturbation's k3 KL to the clean policy, as a multiple of the "
-            "measured training–rollout mismatch KL (1.0: the noise is as large as the mismatch it must cover; see "
-            "the README's stress-test section for how it was chosen)."
-        },
+        metadata={"help": "With alp_init_sigma='auto': the noise's KL as a multiple of the measured mismatch KL."},
     )
-    alp_learn_sigma: bool = field(
-        default=True, metadata={"help": "Learn σ (one log-scale per layer) with the RL loss; False freezes it."}
-    )
+    alp_learn_sigma: bool = field(default=True, metadata={"help": "Learn σ with the RL loss; False freezes it."})
     alp_sigma_learning_rate: float = field(
-        default=1e-2,
-        metadata={"help": "Peak learning rate of σ's own optimizer group (it follows the main LR schedule's shape)."},
+        default=1e-2, metadata={"help": "Peak learning rate of σ's optimizer group."}
     )
     alp_sigma_weight_decay: float = field(
         default=0.01, metadata={"help": "Weight decay of σ's optimizer group (on log σ)."}
@@ -201,86 +175,64 @@ class ALPConfig(GRPOConfig):
         default=3.0, metadata={"help": "Upper PPO clip of the ALP/Bypass ratio: ratio ≤ 1 + alp_epsilon_high."}
     )
     alp_dual_clip: float | None = field(
-        default=10.0,
-        metadata={
-            "help": "Dual-clip constant c for negative advantages (loss capped at c·|A|); must exceed "
-            "1 + alp_epsilon_high. None disables it."
-        },
+        default=10.0, metadata={"help": "Dual clip c for negative advantages (loss ≤ c·|A|), > 1; None disables it."}
     )
     alp_relative_sigma: bool = field(
         default=False,
-        metadata={
-            "help": "Scale each token's noise by its detached hidden-state RMS, so σ is relative to the residual "
-            "stream's scale (one σ₀ fits models whose hidden states differ in magnitude). False = the paper's "
-            "absolute σ."
-        },
+        metadata={"help": "Scale each token's noise by its hidden-state RMS (False: the paper's absolute σ)."},
     )
     alp_rollout_dtype: str | None = field(
         default=None,
         metadata={
-            "help": "The rollout engine's precision. With use_vllm: the dtype vLLM runs in ('float32': an exact "
-            "engine; 'bfloat16'/'float16': the paper's setting; None: vLLM's 'auto', logged at start). On the "
-            "generate path: generate under autocast in 'bfloat16'/'float16' (a reproducible mismatch without "
-            "vLLM); 'float32' or None: the model's own precision.",
+            "help": "Rollout precision: vLLM's dtype with use_vllm, else autocast for generate (None: the model's own).",
             "choices": [None, "float32", "bfloat16", "float16"],
         },
     )
     alp_rollout_weight_bits: int | None = field(
-        default=None,
-        metadata={
-            "help": "Generate from fake-quantised weights (4 or 8 bits, per-channel round-to-nearest) for a "
-            "reproducible mismatch (transformers generate path only)."
-        },
+        default=None, metadata={"help": "Generate from fake-quantised 4- or 8-bit weights (generate path only)."}
     )
     alp_log_unperturbed_ratio: bool = field(
         default=False,
-        metadata={
-            "help": "Also run one extra no-grad, noise-free forward per micro-step and log its ratio to the rollout "
-            "log-probs under alp/unperturbed/*, next to the perturbed alp/ratio/*."
-        },
+        metadata={"help": "Also log the clean policy's ratio under alp/unperturbed/* (one extra no-grad forward)."},
     )
     alp_noise_seed: int | None = field(
-        default=None,
-        metadata={"help": "Seed of the perturbation noise; None uses `seed`."},
+        default=None, metadata={"help": "Seed of the perturbation noise; None uses `seed`."}
     )
     alp_recipe: str | None = field(
         default=None,
         metadata={
-            "help": "A published ALP recipe (trl_alp/presets.py): 'paper-single-turn' or 'paper-multi-turn' sets "
-            "every algorithmic field of the authors' script; fields you pass explicitly win.",
+            "help": "The ALP authors' recipe: paper-single-turn or paper-multi-turn; fields you pass win.",
             "choices": [None, *PRESETS],
         },
     )
     alp_rollout_mask: str | None = field(
         default=None,
         metadata={
-            "help": "Rollout rejection mask on top of an ALP/Bypass ratio (the authors' rollout_is, mode 'mask'): the "
-            "weight π_old/μ of the recomputed unperturbed old policy over the rollout engine, per 'token', as the "
-            "'sequence' product or its 'geometric' mean, zeroes the loss outside [alp_rollout_mask_min, "
-            "alp_rollout_mask_max]. None disables it.",
+            "help": "Rollout rejection mask on π_old/μ on top of ALP/Bypass: token, sequence or geometric; None disables it.",
             "choices": [None, *ROLLOUT_MASK_LEVELS],
         },
     )
     alp_rollout_mask_min: float = field(
-        default=0.0, metadata={"help": "Lower bound (inclusive) of π_old/μ kept by alp_rollout_mask (authors: 0)."}
+        default=0.0, metadata={"help": "Lower bound (inclusive) of π_old/μ kept by alp_rollout_mask."}
     )
     alp_rollout_mask_max: float = field(
-        default=5.0, metadata={"help": "Upper bound (inclusive) of π_old/μ kept by alp_rollout_mask (authors: 5)."}
+        default=5.0, metadata={"help": "Upper bound (inclusive) of π_old/μ kept by alp_rollout_mask."}
     )
     alp_rollout_mask_weighted: bool = field(
-        default=True,
-        metadata={
-            "help": "Multiply the kept tokens' loss by π_old/μ, as the authors' mask mode does; False = a plain 0/1 "
-            "rejection mask."
-        },
+        default=True, metadata={"help": "Multiply kept tokens by π_old/μ (the authors' mask); False: a 0/1 mask."}
     )
     alp_kl_clamp: bool = field(
         default=False,
-        metadata={
-            "help": "Clamp the k3 KL to the reference like verl's low_var_kl (log-ratio to ±20, estimate to [-10, 10]), "
-            "as in the authors' single-turn recipe. False = TRL's unbounded estimate."
-        },
+        metadata={"help": "Clamp the k3 KL to the reference like verl's low_var_kl (the authors' single-turn KL)."},
     )
+
+    def __new__(cls, *args, **kwargs):
+        # Which fields the caller passed, so that they win over `alp_recipe` even at their default value. Recorded
+        # here rather than in __init__: a subclass declared with @dataclass gets a new __init__ but inherits __new__.
+        self = super().__new__(cls)
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+        self._alp_explicit = frozenset(names[: len(args)]) | frozenset(kwargs)
+        return self
 
     def __post_init__(self):
         if self.alp_recipe is not None:  # first, so every check below sees the final values
@@ -482,20 +434,3 @@ def warn_unused_fields(args: ALPConfig) -> None:
             args.correction,
             correction.description,
         )
-
-
-def _record_explicit_fields(init):
-    """Wrap the dataclass ``__init__`` so `alp_recipe` knows which fields the caller passed (those win)."""
-    names = [f.name for f in dataclasses.fields(ALPConfig) if f.init]
-
-    @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        self._alp_explicit = frozenset(names[: len(args)]) | frozenset(kwargs)
-        init(self, *args, **kwargs)
-
-    return __init__
-
-
-# A subclass declared with @dataclass gets a new __init__ without this wrapper: `alp_recipe` then treats fields still
-# at their default as not given (see `presets.apply_preset`).
-ALPConfig.__init__ = _record_explicit_fields(ALPConfig.__init__)

@@ -24,8 +24,18 @@ def _as_column(advantages: torch.Tensor) -> torch.Tensor:
 def sequence_log_ratio(
     logps: torch.Tensor, rollout_logps: torch.Tensor, mask: torch.Tensor, level: str = "sequence"
 ) -> torch.Tensor:
-    """Per-sequence log-ratio, ``(B,)``: the masked sum (``sequence``) or mean (``geometric``) of token log-ratios,
-    clamped to ±20. For ``token`` this is the masked sum too (the log of the product of token ratios)."""
+    """Per-sequence log-ratio: the masked sum (``sequence``) or mean (``geometric``) of token log-ratios.
+
+    Args:
+        logps: Numerator log-probs, ``(B, T)``.
+        rollout_logps: Denominator log-probs, ``(B, T)``.
+        mask: 1 on the completion tokens that count, ``(B, T)``.
+        level: ``sequence``, ``geometric``, or ``token`` (the masked sum too: the log of the product of token
+            ratios).
+
+    Returns:
+        ``(B,)`` log-ratios, clamped to ±20 so that ``exp`` stays finite.
+    """
     delta = (logps - rollout_logps) * mask
     total = delta.sum(-1)
     if level == "geometric":
@@ -39,9 +49,21 @@ def alp_log_weights(
     """Log importance weights ``log w_t`` of the ALP ratio ``π_{θ,δ}(y) / μ(y)``.
 
     * ``token``: ``clamp(log π(y_t) − log μ(y_t), ±20)``.
-    * ``sequence``: value ``Σ_t m_t (log π − log μ)`` (the product of token ratios), gradient per token:
-      ``log w_t = sg(S) + log π(y_t) − sg(log π(y_t))``.
+    * ``sequence``: value ``S = Σ_t m_t (log π − log μ)`` (the product of token ratios), gradient per token:
+      ``log w_t = sg(S) + log π(y_t) − sg(log π(y_t))`` (the authors' GSPO-style form).
     * ``geometric``: the same with ``S`` divided by the number of completion tokens.
+
+    Args:
+        logps: Numerator log-probs with gradient (perturbed under ALP), ``(B, T)``.
+        rollout_logps: The rollout engine's log-probs μ, ``(B, T)``.
+        mask: 1 on the completion tokens that count, ``(B, T)``.
+        level: ``token``, ``sequence`` or ``geometric``.
+
+    Returns:
+        ``(B, T)`` log-weights; sequence levels broadcast one value over the sequence's tokens.
+
+    Raises:
+        ValueError: An unknown `level`.
     """
     if level == "token":
         return (logps - rollout_logps).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -75,8 +97,19 @@ def clipped_surrogate(
 
     Dual clip (for ``A < 0``): the loss is capped at ``c·|A|``, i.e. the objective is ``max(PPO, c·A)``, so a huge
     ratio on a negative-advantage token cannot blow up the gradient. `delta` is TRL's two-sided clip: the unclipped
-    ratio is capped at `delta` before the ``min``. Returns the per-token loss and boolean masks ``low`` / ``high`` /
-    ``dual`` of the tokens each clip made constant.
+    ratio is capped at `delta` before the ``min``.
+
+    Args:
+        log_weights: Log importance weights, ``(B, T)``.
+        advantages: ``(B,)`` or ``(B, 1)``.
+        epsilon_low: The ratio's lower clip is ``1 − epsilon_low``.
+        epsilon_high: The ratio's upper clip is ``1 + epsilon_high``.
+        dual_clip: ALP's dual-clip constant c, or None.
+        delta: TRL's two-sided clip, or None.
+
+    Returns:
+        The per-token loss ``(B, T)`` and boolean masks ``low`` / ``high`` / ``dual`` of the tokens each clip made
+        constant (for the ``alp/clip/*`` metrics).
     """
     advantages = _as_column(advantages)
     ratio = torch.exp(log_weights)
@@ -114,7 +147,20 @@ def policy_loss(
     * ``sapo``: the soft gate ``−σ(τ(w − 1))·4/τ·A`` with τ = ``sapo_temperatures`` (positive, negative advantage);
     * ``vespo``: ``−φ·A·log π`` with the detached γ-weights φ (TRL's ``get_gamma_weights``) in `vespo_weights`.
 
-    Returns the per-token loss and, for the clipped losses, the clip masks (else None).
+    Args:
+        loss_type: One of TRL 1.16's loss types (`LOSS_TYPES`).
+        log_weights: Log importance weights, ``(B, T)``.
+        advantages: ``(B,)`` or ``(B, 1)``.
+        logps: The numerator log-probs with gradient (for ``cispo`` and ``vespo``), ``(B, T)``.
+        clip: The correction's clip settings.
+        sapo_temperatures: SAPO's τ for positive and negative advantages.
+        vespo_weights: TRL's γ-weights, required for ``vespo``.
+
+    Returns:
+        The per-token loss ``(B, T)`` and, for the clipped losses, the clip masks (else None).
+
+    Raises:
+        ValueError: An unknown `loss_type`, or a missing `clip.cispo_cap` / `vespo_weights`.
     """
     advantages = _as_column(advantages)
     if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
@@ -142,6 +188,15 @@ def kl_weights(logps: torch.Tensor, denominator_logps: torch.Tensor, mask: torch
     ``token`` and ``sequence``: the token ratio ``π(y_t)/denominator(y_t)``, ``(B, T)``. The product sequence ratio
     is never used here: it reaches e^20 on long sequences, and the token ratio is the weight that keeps the per-token
     reverse-KL estimate unbiased under the sampling distribution.
+
+    Args:
+        logps: Numerator log-probs with gradient, ``(B, T)``.
+        denominator_logps: The ratio's denominator, ``(B, T)``.
+        mask: 1 on the completion tokens that count, ``(B, T)``.
+        level: The correction's ratio level.
+
+    Returns:
+        ``(B, 1)`` for ``geometric``, else ``(B, T)`` weights.
     """
     if level == "geometric":
         return torch.exp(sequence_log_ratio(logps, denominator_logps, mask, "geometric")).unsqueeze(-1)
@@ -150,18 +205,40 @@ def kl_weights(logps: torch.Tensor, denominator_logps: torch.Tensor, mask: torch
     return torch.exp((logps - denominator_logps).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
 
-def k3_kl(logps: torch.Tensor, other_logps: torch.Tensor, *, clamp: tuple[float, float] | None = None) -> torch.Tensor:
-    """Per-token low-variance KL estimate ``exp(o − p) − (o − p) − 1`` (TRL's form for the reference KL).
+def k3(log_ratio: torch.Tensor, *, clamp: tuple[float, float] | None = None) -> torch.Tensor:
+    """The package's one k3 KL estimator, per element: ``r − 1 − log r`` with ``log r = log_ratio``.
 
-    ``clamp=(max_log_ratio, max_value)`` bounds it as verl's ``low_var_kl`` does (the ALP authors' single-turn KL,
-    ``core_algos.kl_penalty_forward``): ``o − p`` clamped to ``±max_log_ratio``, the estimate to ``±max_value``.
-    ``None`` (TRL's default) leaves it unbounded.
+    Used by the loss's KL term (:func:`k3_kl`), the logged ``alp/mismatch/k3_kl`` and σ₀ calibration, so the three
+    measure the same thing. Computed as ``expm1(x) − x``: the same gradient as TRL's ``exp(x) − x − 1`` and no
+    cancellation for the small KLs that calibration compares (pass float64 where 1e-8 matters).
+
+    Args:
+        log_ratio: Log-ratio ``log r`` of the two policies on the sampled tokens, any shape.
+        clamp: ``(max_log_ratio, max_value)`` bounds it as verl's ``low_var_kl`` does (the ALP authors' single-turn
+            KL): ``log r`` clamped to ``±max_log_ratio``, the estimate to ``±max_value``. ``None`` leaves it
+            unbounded (TRL's form).
+
+    Returns:
+        The per-element estimate, same shape and dtype as `log_ratio`.
     """
-    diff = other_logps - logps
     if clamp is not None:
-        diff = diff.clamp(-clamp[0], clamp[0])
-    kl = torch.exp(diff) - diff - 1
+        log_ratio = log_ratio.clamp(-clamp[0], clamp[0])
+    kl = torch.expm1(log_ratio) - log_ratio
     return kl if clamp is None else kl.clamp(-clamp[1], clamp[1])
+
+
+def k3_kl(logps: torch.Tensor, other_logps: torch.Tensor, *, clamp: tuple[float, float] | None = None) -> torch.Tensor:
+    """Per-token KL(π‖other) estimate of the loss's KL term: :func:`k3` of ``other_logps − logps`` (TRL's form).
+
+    Args:
+        logps: Log-probs of the policy being trained, ``(B, T)``.
+        other_logps: Log-probs of the other policy (the reference), ``(B, T)``.
+        clamp: As in :func:`k3`.
+
+    Returns:
+        ``(B, T)`` per-token estimates.
+    """
+    return k3(other_logps - logps, clamp=clamp)
 
 
 def aggregate_loss(
@@ -177,7 +254,21 @@ def aggregate_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reduce a per-token loss the way TRL 1.16's `GRPOTrainer` does for `loss_type`.
 
-    Returns ``(loss to backpropagate, policy loss for logging)``. Pass ``accumulation_steps=1`` in evaluation.
+    Args:
+        per_token_loss: ``(B, T)`` (or broadcastable to `mask`).
+        mask: 1 on the completion tokens that count, ``(B, T)``.
+        loss_type: One of `LOSS_TYPES`.
+        accumulation_steps: Gradient-accumulation steps; 1 in evaluation.
+        num_items_in_batch: TRL's token count of the whole generation batch (``dapo``, ``cispo``, ``vespo``).
+        num_processes: Number of processes (``dapo``, ``cispo``, ``vespo`` normalise per process).
+        steps_per_generation: TRL's ``steps_per_generation``; 1 in evaluation.
+        max_completion_length: Required for ``dr_grpo``.
+
+    Returns:
+        ``(loss to backpropagate, policy loss for logging)``.
+
+    Raises:
+        ValueError: An unknown `loss_type` or a missing argument it needs.
     """
     mask = mask.to(per_token_loss.dtype)
     per_token_loss = per_token_loss.expand_as(mask)
@@ -214,9 +305,17 @@ def rollout_correction_weights(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TIS/MIS weights ``w = π_old / μ`` (TRL's vLLM importance-sampling semantics), detached.
 
-    ``level`` ``token`` gives ``(B, T)`` weights, ``sequence`` gives ``(B, 1)`` weights of the summed log-ratio.
-    ``mode`` ``truncate`` (TIS) clamps w to ``[clip_min, clip_max]``; ``mask`` (MIS) sets w to 0 outside that band
-    (an unset bound is open). Returns ``(weights, hit)`` where `hit` marks the entries that were clamped or masked.
+    Args:
+        old_logps: π_old's log-probs, ``(B, T)``.
+        rollout_logps: The rollout engine's log-probs μ, ``(B, T)``.
+        mask: 1 on the completion tokens that count, ``(B, T)``.
+        level: ``token`` (``(B, T)`` weights) or ``sequence`` (``(B, 1)`` weights of the summed log-ratio).
+        mode: ``truncate`` (TIS) clamps w to ``[clip_min, clip_max]``; ``mask`` (MIS) sets w to 0 outside it.
+        clip_min: Lower bound of the band; None leaves it open.
+        clip_max: Upper bound of the band; None leaves it open.
+
+    Returns:
+        ``(weights, hit)``, `hit` marking the entries that were clamped or masked.
     """
     diff = torch.nan_to_num((old_logps - rollout_logps).detach() * mask, nan=0.0)
     if level == "sequence":
@@ -254,9 +353,20 @@ def rollout_mask_weights(
     amazon-science/adaptive-layerwise-perturbation) without its veto: the weight ``w = π_old / μ`` of the recomputed,
     unperturbed old policy over the rollout engine, per token (``token``), as the product over the sequence
     (``sequence``: masked sum of log-ratios) or its geometric mean (``geometric``), log clamped to ±20, is kept where
-    ``low <= w <= high`` (inclusive) and zeroed elsewhere; padding gets 0. ``weighted=True`` returns ``w`` itself on
-    kept entries, as the authors do (their ``pg_losses * rollout_is_weights``); ``weighted=False`` returns a plain
-    0/1 rejection mask. Returns ``(weights, rejected)``, ``rejected`` marking masked-out valid tokens.
+    ``low <= w <= high`` (inclusive) and zeroed elsewhere; padding gets 0.
+
+    Args:
+        old_logps: The unperturbed old policy's log-probs, ``(B, T)``.
+        rollout_logps: The rollout engine's log-probs μ, ``(B, T)``.
+        mask: 1 on the completion tokens that count, ``(B, T)``.
+        level: ``token``, ``sequence`` or ``geometric``.
+        low: Lower bound of the kept band (inclusive).
+        high: Upper bound of the kept band (inclusive).
+        weighted: ``True`` returns ``w`` itself on kept entries, as the authors do (their
+            ``pg_losses * rollout_is_weights``); ``False`` a plain 0/1 rejection mask.
+
+    Returns:
+        ``(weights, rejected)``: ``(B, T)`` weights and the masked-out valid tokens.
     """
     log_ratio = (old_logps - rollout_logps).detach() * mask
     if level == "sequence":

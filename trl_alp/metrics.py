@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .loss import LOG_RATIO_CLAMP
+from .loss import LOG_RATIO_CLAMP, k3
 
 QUANTILES = {
     "q01": 0.01,
@@ -47,14 +47,15 @@ def mismatch_stats(token_log_ratio: torch.Tensor, seq_mean_log_ratio: torch.Tens
     over each sequence. Returns
 
     * ``k1_kl``: mean of ``log μ − log π`` (unbiased estimate of KL(μ‖π); can be negative on a batch);
-    * ``k3_kl``: mean of ``r − 1 − log r`` with ``r = π/μ`` (low-variance, non-negative estimate of KL(μ‖π));
+    * ``k3_kl``: mean of ``r − 1 − log r`` with ``r = π/μ`` (low-variance, non-negative estimate of KL(μ‖π);
+      `trl_alp.loss.k3` in float64, as σ₀ calibration computes it);
     * ``abs_logp_diff``: mean ``|log π − log μ|``;
     * ``log_ppl_diff``: mean over sequences of ``log PPL_π − log PPL_μ`` (= −mean log-ratio of the sequence).
     """
     log_r = _finite(token_log_ratio)
     seq = _finite(seq_mean_log_ratio)
     # mean() of an empty tensor is NaN, which is the value to report when nothing was sampled
-    values = torch.stack([(-log_r).mean(), (torch.exp(log_r) - 1 - log_r).mean(), log_r.abs().mean(), (-seq).mean()])
+    values = torch.stack([(-log_r).mean(), k3(log_r.double()).mean().float(), log_r.abs().mean(), (-seq).mean()])
     return dict(zip(("k1_kl", "k3_kl", "abs_logp_diff", "log_ppl_diff"), values.tolist(), strict=True))
 
 

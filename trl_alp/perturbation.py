@@ -238,8 +238,20 @@ class LayerPerturbation(nn.Module):
     output of the model's backbone: the final hidden state that the LM head projects (a forward hook).
 
     It is deliberately *not* a submodule of the model: σ is neither saved with the model weights nor sent to vLLM
-    by weight sync. Its parameter is ``log_sigma`` (σ = exp(log_sigma) > 0). With ``relative=True`` the noise of
-    each token is also multiplied by that token's detached hidden-state RMS.
+    by weight sync. Its parameter is ``log_sigma`` (σ = exp(log_sigma) > 0).
+
+    Args:
+        layers: The model's decoder-layer container (see `find_decoder_layers`).
+        layer_indices: Indices of the layers whose input is perturbed (see `parse_layer_spec`).
+        init_sigma: Initial σ₀ of every site, a finite number > 0.
+        learnable: Whether ``log_sigma`` takes gradients.
+        seed: Base seed of the noise; each draw is seeded by (seed, step, micro-step, site, rank).
+        relative: Multiply each token's noise by its detached hidden-state RMS.
+        final_module: For the logits-only ablation, the backbone whose output (the final hidden state) is
+            perturbed; then `layer_indices` must be empty.
+
+    Raises:
+        ValueError: A non-finite or non-positive `init_sigma`, or `final_module` together with layers.
     """
 
     def __init__(
@@ -277,10 +289,12 @@ class LayerPerturbation(nn.Module):
 
     @property
     def sigma(self) -> torch.Tensor:
+        """σ per site, detached, ``(num_sites,)``."""
         return self.log_sigma.detach().exp()
 
     @property
     def is_active(self) -> bool:
+        """Whether the hooks are registered (inside :meth:`active`)."""
         return bool(self._handles)
 
     def _perturb(self, slot: int, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -326,7 +340,16 @@ class LayerPerturbation(nn.Module):
 
     @contextlib.contextmanager
     def active(self, step: int, micro_step: int, rank: int = 0) -> Iterator[LayerPerturbation]:
-        """Register the hooks for one training micro-step (forward *and* backward) and always remove them."""
+        """Register the hooks for one training micro-step (forward *and* backward) and always remove them.
+
+        Args:
+            step: The optimizer step (``state.global_step``), part of the noise seed.
+            micro_step: The micro-step inside the gradient-accumulation window, part of the noise seed.
+            rank: The process index, part of the noise seed (independent noise across processes).
+
+        Yields:
+            This perturbation, with the hooks registered; they are removed on exit, even on an exception.
+        """
         if self._handles:
             raise RuntimeError("LayerPerturbation.active() is not re-entrant.")
         self._coords = (int(step), int(micro_step), int(rank))

@@ -7,6 +7,9 @@ import json
 import logging
 import math
 import os
+import shutil
+import textwrap
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -115,16 +118,56 @@ class _SigmaGradCallback(TrainerCallback):
 class ALPGRPOTrainer(GRPOTrainer):
     """Drop-in replacement for `trl.GRPOTrainer` that trains with the ALP importance ratio.
 
-    Swap the class name and keep everything else. A plain `GRPOConfig` is upgraded to an `ALPConfig` with the ALP
-    defaults (see `ALPConfig` for which TRL fields the ALP ratio replaces). σ is kept outside the model: it is not in
-    the saved weights nor in vLLM's weight sync; it is saved in ``alp_state.json`` in every checkpoint and in the
-    output directory, restored by ``resume_from_checkpoint``, and stepped by its own group of the main optimizer.
+    Swap the class name and keep everything else. σ is kept outside the model: not in the saved weights nor in vLLM's
+    weight sync; it is stepped by its own group of the main optimizer and saved in ``alp_state.json`` in every
+    checkpoint and in the output directory (restored by ``resume_from_checkpoint``).
+
+    Args:
+        model: A model id or path, a `PreTrainedModel` or a PEFT model, as for `trl.GRPOTrainer`.
+        reward_funcs: Reward functions or models, as for `trl.GRPOTrainer`.
+        args: An [`ALPConfig`][trl_alp.config.ALPConfig]. A plain `trl.GRPOConfig` is upgraded to one with the ALP
+            defaults (with a warning); `None` uses the defaults with an output folder named after the model.
+        *trainer_args: Passed on to `trl.GRPOTrainer` (datasets, processing class, callbacks, ...).
+        **trainer_kwargs: Passed on to `trl.GRPOTrainer`. ``optimizers`` must be ``(None, None)`` while σ is
+            learned: the trainer adds σ's group to the optimizer it builds.
+
+    Raises:
+        ValueError: A config option the correction cannot honour, a layer selection that does not fit the model,
+            or a custom optimizer with a learned σ.
     """
+
+    # Two flags give TRL's shared log-prob helper, `_get_per_token_logps_and_entropies`, a role per call site, because
+    # TRL calls it from several places with no argument that tells them apart. `_alp_skip_old_pass` is set while TRL
+    # generates and scores a batch: its no-grad "old" pass (which ALP/Bypass do not need) then returns nothing.
+    # `_alp_capture_loss_logps` is set during TRL's own loss under correction="grpo": the loss forward's log-probs are
+    # then kept for ALP's diagnostics. Each is set and reset in a try/finally around one TRL call.
+    _alp_skip_old_pass = False
+    _alp_capture_loss_logps = False
 
     _tag_names = ["trl", "grpo", "alp"]
     _name = "ALP-GRPO"
+    # TRL's model card cites the trainer's `_paper` (read by `BaseTrainer.create_model_card`).
+    _paper = {
+        "title": "Adaptive Layerwise Perturbation: Unifying Off-Policy Corrections for LLM RL",
+        "id": "2603.19470",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @misc{alp2026,
+                title        = {{Adaptive Layerwise Perturbation: Unifying Off-Policy Corrections for LLM RL}},
+                year         = 2026,
+                eprint       = {2603.19470},
+                archivePrefix = {arXiv},
+            }"""),
+    }
 
-    def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *trainer_args, **trainer_kwargs):
+    def __init__(
+        self,
+        model: str | torch.nn.Module,
+        reward_funcs: Any = None,
+        args: GRPOConfig | None = None,
+        *trainer_args: Any,
+        **trainer_kwargs: Any,
+    ):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
             args = ALPConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-ALP")
@@ -159,8 +202,6 @@ class ALPGRPOTrainer(GRPOTrainer):
                 "those of the untruncated temperature-scaled distribution (the same form as the numerator), so the "
                 "ratio ignores the truncation."
             )
-        self._alp_skip_old_pass = False  # set while TRL's old-log-prob pass is to be skipped (see below)
-        self._alp_capture_loss_logps = False
         self.alp_calibration: dict | None = None  # σ₀ calibration (alp_init_sigma="auto"), saved in alp_state.json
         self._alp_sigma_restored = False  # σ came from a checkpoint: never recalibrate
         self.add_callback(_SigmaGradCallback(self))
@@ -605,7 +646,45 @@ class ALPGRPOTrainer(GRPOTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
         if self.args.should_save and not _internal_call:
-            self._write_alp_state(output_dir or self.args.output_dir)
+            output_dir = output_dir or self.args.output_dir
+            self._write_alp_state(output_dir)
+            self.create_model_card(model_name=os.path.basename(os.path.normpath(output_dir)))
+            card = os.path.join(self.args.output_dir, "README.md")
+            if os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir) and os.path.exists(card):
+                shutil.copyfile(card, os.path.join(output_dir, "README.md"))
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's model card (citing ALP through `_paper`) plus the run's ALP settings and what alp_state.json holds."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        path = os.path.join(self.args.output_dir, "README.md")
+        if self.is_world_process_zero() and os.path.exists(path):
+            with open(path, "a") as f:
+                f.write(self._alp_model_card_section())
+
+    def _alp_model_card_section(self) -> str:
+        args, p = self.args, self.alp_perturbation
+        sigma = ", ".join(f"{s:.4g}" for s in p.sigma.tolist()) or "none (no noise)"
+        rows = [
+            ("correction", f"`{args.correction}`: {self.correction.description}"),
+            ("perturbed sites", f"`{self._alp_layers_path}` {p.labels}" if p.labels else "none"),
+            ("initial σ₀", f"`{args.alp_init_sigma}`" + (" (calibrated)" if self.alp_calibration else "")),
+            ("σ now", sigma),
+            ("σ learned", f"{args.alp_learn_sigma} (learning rate {args.alp_sigma_learning_rate})"),
+            ("relative σ", str(args.alp_relative_sigma)),
+            ("clip", f"[{1 - args.alp_epsilon_low}, {1 + args.alp_epsilon_high}], dual clip {args.alp_dual_clip}"),
+            ("recipe", f"`{args.alp_recipe}`" if args.alp_recipe else "none"),
+        ]
+        table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+        return (
+            "\n\n## ALP settings\n\n"
+            "Trained with trl-alp's `ALPGRPOTrainer`, [Adaptive Layerwise Perturbation]"
+            "(https://arxiv.org/abs/2603.19470) on TRL's `GRPOTrainer`.\n\n| setting | value |\n|---|---|\n"
+            f"{table}\n\n"
+            f"`{ALP_STATE_FILE}` (next to the weights) holds σ, which is not part of the model: `format_version`, "
+            "the perturbation setup (`layers_path`, `layer_indices`, `labels`, `relative`), `log_sigma` and `sigma` "
+            'per perturbed site, and `calibration` (the σ₀ calibration record of `alp_init_sigma="auto"`, or null). '
+            "`resume_from_checkpoint` restores σ from it; the weights alone load and generate without it.\n"
+        )
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         # The ALP state first: a checkpoint of another perturbation setup would also fail in the optimizer's state

@@ -125,8 +125,7 @@ def _progress_callback(label: str, on_measured=None):
 
     `on_measured(seconds_per_step, first_step, last_step)` is called once, with the time per step of the *second*
     generation cycle (one generation and the optimizer steps it feeds): the first one carries one-off warm-up costs
-    (a SmolLM2 first step took 98 s under load, and an estimate from it said 28.8 min for a 5.5 min demo). A run too
-    short for two cycles is measured on its first one.
+    that would inflate the estimate several-fold. A run too short for two cycles is measured on its first one.
     """
     from tqdm.auto import tqdm
     from transformers import TrainerCallback

@@ -379,6 +379,15 @@ def parse_train_args(argv: list[str]) -> TrainSetup:
 
 
 def train(argv: list[str]) -> Callable[[], None]:
+    """Set up ``trl-alp train``: parse, load the data and the model, build the trainer.
+
+    Args:
+        argv: The arguments after ``train`` (flags and ``--config``, as for ``trl grpo``).
+
+    Returns:
+        A function that trains, then saves the model, ``alp_state.json`` and ``trainer_state.json`` in
+        ``output_dir``. Errors before it is returned are setup errors (`main` prints them in one line).
+    """
     from trl import get_peft_config
 
     from ..trainer import ALPGRPOTrainer
@@ -422,6 +431,14 @@ def train(argv: list[str]) -> Callable[[], None]:
 
 
 def demo(argv: list[str]) -> Callable[[], None]:
+    """Set up ``trl-alp demo``: parse and check the arguments and the model package.
+
+    Args:
+        argv: The arguments after ``demo``.
+
+    Returns:
+        A function that runs the demo (every correction in turn) and writes its report.
+    """
     from .demo import DemoArguments, check_demo_args, run_demo
 
     (args,) = _parser((DemoArguments,), "trl-alp demo").parse_args_and_config(argv)
@@ -434,6 +451,14 @@ def demo(argv: list[str]) -> Callable[[], None]:
 
 
 def bench(argv: list[str]) -> Callable[[], None]:
+    """Set up ``trl-alp bench``: parse the arguments and check the model.
+
+    Args:
+        argv: The arguments after ``bench``.
+
+    Returns:
+        A function that runs every arm in a fresh process and prints the table (or the JSON).
+    """
     from .bench import BenchArguments
     from .bench import main as run
 
@@ -456,6 +481,14 @@ def _check_engine(engine: str) -> None:
 
 
 def plot(argv: list[str]) -> Callable[[], None]:
+    """Set up ``trl-alp plot``: parse the arguments and load the runs' ratio envelopes.
+
+    Args:
+        argv: The run folders and flags after ``plot``.
+
+    Returns:
+        A function that draws the PNG. A run with no ratio metrics is a setup error that says why.
+    """
     from .plot import draw_envelopes, load_envelopes
 
     parser = argparse.ArgumentParser(prog="trl-alp plot", description="Ratio-envelope plot of one or more runs.")
@@ -475,6 +508,14 @@ def plot(argv: list[str]) -> Callable[[], None]:
 
 
 def stress(argv: list[str]) -> Callable[[], None]:
+    """Set up ``trl-alp stress``: parse the arguments and check the device the preset needs.
+
+    Args:
+        argv: The arguments after ``stress``.
+
+    Returns:
+        A function that trains the missing runs of the grid and writes the report.
+    """
     from .stress import StressArguments, check_device, run_stress
 
     (args,) = _parser((StressArguments,), "trl-alp stress").parse_args_and_config(argv)
@@ -511,6 +552,17 @@ COMMANDS = {"train": train, "demo": demo, "plot": plot, "bench": bench, "stress"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``trl-alp`` command: dispatch to one of `COMMANDS`.
+
+    Each command is split in a setup, whose errors (bad flags, missing files, invalid fields) are printed in one line,
+    and a run, whose errors keep their traceback: a user sees a usage error as such and a bug as a bug.
+
+    Args:
+        argv: The command line without the program name; `None` reads ``sys.argv``.
+
+    Returns:
+        The exit status: 0, or 2 for a usage or setup error.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

@@ -1,4 +1,8 @@
-"""Every `trl-alp` command printed in README.md and in the recipes' header comments runs, in a quick variant.
+"""Every `trl-alp` command printed in the README, the docs pages and the recipes' header comments runs, quickly.
+
+Commands are the `trl-alp` lines of the ```bash blocks (extracted by mktestdocs, see doc_blocks.py) and the inline
+`trl-alp ...` spans of the prose. Other shell lines (`pip install`, `make`) are not run here: `make test` and CI run
+the Makefile's install itself.
 
 The commands run in order, in one scratch folder (the `plot` example reads the run folder the first `train` example
 wrote). Quick variants: `train` stops after at most 2 steps (4 when it saves checkpoints, so a resume example has one
@@ -15,29 +19,33 @@ from pathlib import Path
 
 import pytest
 import yaml
+from doc_blocks import code_blocks, doc_block, doc_files
 
 from trl_alp.cli import main as cli
 from trl_alp.cli.main import main
 
-ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
-# Inline mentions of `trl-alp ...` in the README that are not commands.
+# Inline mentions of `trl-alp ...` in the docs that are not commands.
 NOT_COMMANDS = {"trl-alp train: error: ..."}
 HUB_ONLY = "[Hub: parsed and validated only]"
 
 
-def _readme_commands() -> list[str]:
-    text = README.read_text()
-    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-    commands = [line.strip() for block in blocks for line in block.splitlines() if line.startswith("trl-alp")]
-    prose = re.sub(r"```.*?```", "", text, flags=re.S)
-    commands += [span for span in re.findall(r"`(trl-alp[^`]*)`", prose) if span not in NOT_COMMANDS]
+def _doc_commands() -> list[tuple[str, str]]:
+    """``(file, command)`` for every command in the README and the docs pages."""
+    commands = []
+    for path in doc_files():
+        name = path.relative_to(doc_files()[0].parent).as_posix()
+        blocks = code_blocks(path, "bash")
+        commands += [
+            (name, line.strip()) for block in blocks for line in block.splitlines() if line.startswith("trl-alp")
+        ]
+        prose = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+        commands += [(name, span) for span in re.findall(r"`(trl-alp[^`]*)`", prose) if span not in NOT_COMMANDS]
     return commands
 
 
-def _recipe_commands() -> list[str]:
+def _recipe_commands() -> list[tuple[str, str]]:
     return [
-        line.lstrip("# ").strip()
+        (recipe.name, line.lstrip("# ").strip())
         for recipe in sorted(cli.RECIPES_DIR.glob("*.yaml"))
         for line in recipe.read_text().splitlines()
         if line.startswith("# trl-alp")
@@ -87,24 +95,23 @@ def _quick(argv: list[str]) -> list[str]:
 
 def _cases():
     cases, seen = [], set()
-    for source, commands in (("README", _readme_commands()), ("recipe", _recipe_commands())):
-        for command in commands:
-            argv = shlex.split(command, comments=True)[1:]
-            quick = _quick(argv)
-            key = tuple(quick if quick[:1] not in (["demo"], ["bench"]) else sorted(_set(quick, "output_dir", "-")))
-            if key in seen:  # e.g. the two demo examples are one quick variant
-                continue
-            seen.add(key)
-            hub = quick[:1] == ["train"] and _needs_hub(quick)
-            shown = shlex.join(["trl-alp", *argv])
-            cases.append(pytest.param(quick, hub, id=f"{source}: {shown}" + (f" {HUB_ONLY}" if hub else "")))
+    for source, command in [*_doc_commands(), *_recipe_commands()]:
+        argv = shlex.split(command, comments=True)[1:]
+        quick = _quick(argv)
+        key = tuple(quick if quick[:1] not in (["demo"], ["bench"]) else sorted(_set(quick, "output_dir", "-")))
+        if key in seen:  # e.g. the two demo examples are one quick variant
+            continue
+        seen.add(key)
+        hub = quick[:1] == ["train"] and _needs_hub(quick)
+        shown = shlex.join(["trl-alp", *argv])
+        cases.append(pytest.param(quick, hub, id=f"{source}: {shown}" + (f" {HUB_ONLY}" if hub else "")))
     return cases
 
 
 CASES = _cases()
 
 
-def test_the_readme_and_the_recipes_print_commands():
+def test_the_docs_and_the_recipes_print_commands():
     ids = [case.id for case in CASES]
     assert any("trl-alp train --config tiny_arithmetic" in i for i in ids)
     assert sum(HUB_ONLY in i for i in ids) == 3  # the three Hub recipes
@@ -113,10 +120,9 @@ def test_the_readme_and_the_recipes_print_commands():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("readme")
-    # the README's own reward module (the python block that starts with "# my_rewards.py")
-    (source,) = re.findall(r"```python\n(# my_rewards\.py\n.*?)```", README.read_text(), flags=re.S)
-    (folder / "my_rewards.py").write_text(source)
+    folder = tmp_path_factory.mktemp("docs")
+    # the docs' own reward module (the python block after <!-- example: my_rewards -->)
+    (folder / "my_rewards.py").write_text(doc_block("my_rewards"))
     return folder
 
 
