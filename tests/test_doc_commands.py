@@ -90,6 +90,12 @@ def _quick(argv: list[str]) -> list[str]:
         for flag, value in quick.items():
             argv = _set(argv, flag, value)
         return _set(argv, "max_completion_length", "4")
+    if command == "mismatch":  # two prompts of 8 tokens, one real and one emulated engine; see test_mismatch.py
+        quick = {"model": "tiny", "num_prompts": "2", "max_tokens": "8", "lengths": "4,8"}
+        quick |= {"engines": "vllm-fp32,4bit"}
+        for flag, value in quick.items():
+            argv = _set(argv, flag, value)
+        return argv
     return argv
 
 
@@ -115,7 +121,8 @@ def test_the_docs_and_the_recipes_print_commands():
     ids = [case.id for case in CASES]
     assert any("trl-alp train --config tiny_arithmetic" in i for i in ids)
     assert sum(HUB_ONLY in i for i in ids) == 3  # the three Hub recipes
-    assert {case.values[0][0] for case in CASES if case.values[0]} >= {"train", "demo", "plot", "bench", "stress"}
+    commands = {case.values[0][0] for case in CASES if case.values[0]}
+    assert commands >= {"train", "demo", "plot", "bench", "stress", "mismatch"}
 
 
 @pytest.fixture(scope="module")

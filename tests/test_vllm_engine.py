@@ -194,12 +194,9 @@ def test_kv_cache_is_sized_for_the_batch(tokenizer):
 
 def test_the_docs_vllm_example_trains_on_real_vllm(model_dir, tmp_path, monkeypatch):
     """docs/vllm.md's example as written, with the tiny model's folder for SmolLM2 (a quick variant)."""
-    import re
-    from pathlib import Path
+    from doc_blocks import doc_block
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "vllm.md").read_text()
-    start = text.index("<!-- example: vllm -->")
-    code = re.search(r"```python\n(.*?)```", text[start:], re.DOTALL).group(1)
+    code = doc_block("vllm")
     assert "smollm2_path()" in code
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
