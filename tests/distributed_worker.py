@@ -243,7 +243,15 @@ def main(out_dir: str, phases: list[str]) -> None:
         handler.emit = lambda record: messages.append(record.getMessage())
         logging.getLogger("trl_alp").addHandler(handler)
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-        argv = ["train", "--model_name_or_path", "tiny", "--num_prompts", "16", "--output_dir", os.path.join(out_dir, "cli")]
+        argv = [
+            "train",
+            "--model_name_or_path",
+            "tiny",
+            "--num_prompts",
+            "16",
+            "--output_dir",
+            os.path.join(out_dir, "cli"),
+        ]
         argv += ["--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations", "4"]
         argv += ["--max_completion_length", "8", "--report_to", "none", "--bf16", "false", "--save_strategy", "no"]
         argv += ["--use_cpu", str(not deepspeed), "--ddp_backend", "gloo", "--use_peft", "true"]

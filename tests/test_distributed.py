@@ -55,6 +55,7 @@ def bypass_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
     """One single-process optimizer step on the whole fixed-rollout batch (8 rows), and the initial weights."""
     sys.path.insert(0, str(WORKER.parent))
     import distributed_worker as worker
+
     from trl_alp.cli.tiny import build_tokenizer
 
     trainer, _ = worker.make_trainer(

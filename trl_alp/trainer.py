@@ -710,7 +710,9 @@ class ALPGRPOTrainer(GRPOTrainer):
             "sigma": p.sigma.tolist(),
             "calibration": self.alp_calibration,
             # σ's own optimizer under FSDP2/DeepSpeed (under DDP its state is a group in the Trainer's optimizer.pt)
-            "sigma_optimizer": _json_state(self.alp_sigma_optimizer.state_dict()) if self.alp_sigma_optimizer else None,
+            "sigma_optimizer": _json_state(self.alp_sigma_optimizer.state_dict())
+            if self.alp_sigma_optimizer
+            else None,
         }
 
     def _write_alp_state(self, directory: str) -> None:
