@@ -21,11 +21,12 @@ import logging
 import math
 import os
 import sys
+import time
 
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from transformers import TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 import trl_alp.perturbation as perturbation
 from trl_alp import ALPConfig, ALPGRPOTrainer
@@ -128,6 +129,17 @@ def engine_facts(trainer) -> dict:
     return facts
 
 
+def build_model(tokenizer):
+    """The model of every phase: the folder the test saved (``TRL_ALP_TEST_MODEL``), else the tiny model built in code.
+
+    A folder gives every engine the same initial weights: under ZeRO-3 transformers builds a model inside
+    ``deepspeed.zero.Init``, whose random initialisation differs from a plain build with the same seed."""
+    folder = os.environ.get("TRL_ALP_TEST_MODEL")
+    if folder is None:
+        return build_tiny_model(tokenizer)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
 def make_trainer(tokenizer, out_dir: str, cls=ALPGRPOTrainer, peft: bool = False, **overrides):
     # FSDP2 on CPUs runs under accelerate's multi-CPU state (use_cpu); DeepSpeed needs use_cpu off (accelerate turns
     # DeepSpeed off on "cpu") and the gloo backend named (see docs/distributed.md).
@@ -136,7 +148,7 @@ def make_trainer(tokenizer, out_dir: str, cls=ALPGRPOTrainer, peft: bool = False
     settings = {**TRAINER_SETTINGS, "use_cpu": not deepspeed, "ddp_backend": backend, "gradient_checkpointing": False}
     args = ALPConfig(**{**settings, **overrides}, output_dir=out_dir)
     trainer = cls(
-        model=build_tiny_model(tokenizer),
+        model=build_model(tokenizer),
         reward_funcs=length_reward,
         args=args,
         train_dataset=Dataset.from_list(PROMPT_ROWS),
@@ -175,6 +187,7 @@ def main(out_dir: str, phases: list[str]) -> None:
     results = {}
     rank = int(os.environ.get("RANK", "0"))
 
+    started = time.perf_counter()
     if "full" in phases:
         seeds.clear()
         trainer, recorder = make_trainer(tokenizer, run, max_steps=3, save_strategy="steps", save_steps=2)
@@ -258,6 +271,7 @@ def main(out_dir: str, phases: list[str]) -> None:
         results["cli"] = {"status": cli_main(argv), "messages": messages}
 
     results["alp_state_writes"] = writes
+    results["phases_s"] = time.perf_counter() - started
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
 

@@ -39,12 +39,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(engine: str, out: Path) -> list[dict]:
+def _launch(engine: str, out: Path, model_dir: Path) -> list[dict]:
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
     command = accelerate + ["--config_file", str(ROOT / CONFIGS[engine]), "--main_process_port", str(_free_port())]
     command += [str(WORKER), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["DS_ACCELERATOR"] = "cpu"
+    env["TRL_ALP_TEST_MODEL"] = str(model_dir)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-4000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -56,21 +57,28 @@ def bypass_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
     sys.path.insert(0, str(WORKER.parent))
     import distributed_worker as worker
 
-    from trl_alp.cli.tiny import build_tokenizer
+    from trl_alp.cli.tiny import build_tiny_model, build_tokenizer
 
-    trainer, _ = worker.make_trainer(
-        build_tokenizer(),
-        str(tmp_path_factory.mktemp("bypass_ref")),
-        cls=worker.FixedRolloutTrainer,
-        correction="seq-bypass",
-        max_steps=1,
-        per_device_train_batch_size=worker.GLOBAL_ROWS,
-        num_generations=4,
-    )
+    tokenizer = build_tokenizer()
+    model_dir = tmp_path_factory.mktemp("tiny_model")
+    build_tiny_model(tokenizer).save_pretrained(model_dir)
+    os.environ["TRL_ALP_TEST_MODEL"] = str(model_dir)
+    try:
+        trainer, _ = worker.make_trainer(
+            tokenizer,
+            str(tmp_path_factory.mktemp("bypass_ref")),
+            cls=worker.FixedRolloutTrainer,
+            correction="seq-bypass",
+            max_steps=1,
+            per_device_train_batch_size=worker.GLOBAL_ROWS,
+            num_generations=4,
+        )
+    finally:
+        del os.environ["TRL_ALP_TEST_MODEL"]
     initial = {name: value.detach().clone() for name, value in trainer.model.state_dict().items()}
     trainer.train()
     assert trainer.accelerator.num_processes == 1
-    return {"after": worker.full_weights(trainer), "initial": initial}
+    return {"after": worker.full_weights(trainer), "initial": initial, "model_dir": model_dir}
 
 
 def _check_engine(engine: str, facts: dict) -> None:
@@ -101,7 +109,7 @@ def _check_sigma_and_noise(phases: list[dict], steps: int) -> None:
 
 @pytest.mark.parametrize("engine", list(CONFIGS))
 def test_engine_on_two_cpu_processes(engine, tmp_path, bypass_reference):
-    ranks = _launch(engine, tmp_path)
+    ranks = _launch(engine, tmp_path, bypass_reference["model_dir"])
 
     full = [r["full"] for r in ranks]
     for facts in full:
@@ -143,4 +151,5 @@ def test_engine_on_two_cpu_processes(engine, tmp_path, bypass_reference):
     assert set(weights) == set(reference)
     diff = max((weights[name] - reference[name]).abs().max().item() for name in reference)
     moved = max((reference[name] - initial[name]).abs().max().item() for name in reference)
+    print(f"{engine}: bypass step max |Δw| vs one process {diff:.3g}, step size {moved:.3g}")  # shown with -s
     assert diff < BYPASS_ATOL < moved / 100, (diff, moved)
