@@ -289,9 +289,11 @@ class ALPGRPOTrainer(GRPOTrainer):
         )
 
     # ----------------------------------------------------------------------------------------------- optimizer
-    # Everything ALP needs for the training engines (DDP, FSDP2, DeepSpeed ZeRO) is in this section and in
-    # `_SigmaGradCallback`: FSDP on CPUs, where σ's optimizer state lives, and σ's gradient all-reduce. σ is
-    # replicated on every rank (a handful of floats), never sharded; saving it is rank 0's (`args.should_save`).
+    # Everything ALP needs for the training engines (DDP, FSDP2, DeepSpeed ZeRO) is in this section, in the
+    # module-level functions above `_SigmaGradCallback` and in that callback: FSDP on CPUs, refused one-process-per-
+    # rank states, σ's optimizer (a group of the main one, or its own), σ's gradient all-reduce, the final FSDP save.
+    # σ is replicated on every rank (a handful of floats), never sharded; saving it is rank 0's (`args.should_save`,
+    # `_write_alp_state`), its own optimizer's state travels in alp_state.json (`alp_state`, `load_alp_state`).
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
         from accelerate.utils import FullyShardedDataParallelPlugin
@@ -306,6 +308,21 @@ class ALPGRPOTrainer(GRPOTrainer):
                     "The activation_checkpointing in the FSDP config and gradient_checkpointing in the training "
                     "arguments cannot both be on: use one of them."
                 )
+
+    @contextlib.contextmanager
+    def _alp_full_state_dict(self):
+        """transformers' `save_model` writes no weights at all for an FSDP ``SHARDED_STATE_DICT`` model (checkpoints
+        keep the shards): gather the final model on rank 0 instead."""
+        plugin = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
+        if plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+            yield
+            return
+        previous = plugin.state_dict_type
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+        try:
+            yield
+        finally:
+            plugin.set_state_dict_type(previous)
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -727,18 +744,7 @@ class ALPGRPOTrainer(GRPOTrainer):
             self._write_alp_state(os.path.join(self._get_output_dir(trial=trial), checkpoint))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        plugin = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
-        sharded = plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type)
-        if sharded and not _internal_call:
-            # transformers saves no weights at all for an FSDP SHARDED_STATE_DICT model (checkpoints keep the
-            # shards): the final model is gathered on rank 0 instead
-            previous = plugin.state_dict_type
-            plugin.set_state_dict_type("FULL_STATE_DICT")
-            try:
-                super().save_model(output_dir, _internal_call)
-            finally:
-                plugin.set_state_dict_type(previous)
-        else:
+        with contextlib.nullcontext() if _internal_call else self._alp_full_state_dict():
             super().save_model(output_dir, _internal_call)
         if self.args.should_save and not _internal_call:
             self._write_alp_state(output_dir or self.args.output_dir)
