@@ -102,3 +102,12 @@ def test_sigma_own_optimizer_steps_saves_and_resumes(make_trainer, tmp_path, mon
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     assert resumed.alp_sigma_optimizer.state[resumed.alp_perturbation.log_sigma]["step"].item() == 3
     assert torch.equal(resumed.alp_perturbation.log_sigma, log_sigma)  # the uninterrupted run's σ, bit for bit
+
+
+def test_sigma_own_optimizer_is_made_once_per_main_optimizer(make_trainer, monkeypatch):
+    # DeepSpeed's setup asks for the optimizer twice: σ's optimizer (and its state) must not be replaced
+    monkeypatch.setattr(trainer_module, "engine_owns_optimizer", lambda accelerator: True)
+    trainer = make_trainer(max_steps=1)
+    main = trainer.create_optimizer()
+    own = trainer.alp_sigma_optimizer
+    assert trainer.create_optimizer() is main and trainer.alp_sigma_optimizer is own

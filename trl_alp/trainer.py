@@ -261,6 +261,7 @@ class ALPGRPOTrainer(GRPOTrainer):
         self.alp_calibration: dict | None = None  # σ₀ calibration (alp_init_sigma="auto"), saved in alp_state.json
         self._alp_sigma_restored = False  # σ came from a checkpoint: never recalibrate
         self.alp_sigma_optimizer: torch.optim.Optimizer | None = None  # σ's own, when the engine owns the optimizer
+        self._alp_main_optimizer: torch.optim.Optimizer | None = None  # the optimizer σ's was made next to
         self.add_callback(_SigmaGradCallback(self))
 
     def _build_perturbation(self, args: ALPConfig) -> LayerPerturbation:
@@ -327,7 +328,9 @@ class ALPGRPOTrainer(GRPOTrainer):
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         log_sigma = self.alp_perturbation.log_sigma
-        self.alp_sigma_optimizer = None
+        if self.alp_sigma_optimizer is not None and self._alp_main_optimizer is optimizer:
+            return optimizer  # asked again for the same optimizer (DeepSpeed's setup calls this twice)
+        self.alp_sigma_optimizer, self._alp_main_optimizer = None, optimizer
         if not log_sigma.requires_grad or any(p is log_sigma for g in optimizer.param_groups for p in g["params"]):
             return optimizer
         group = {"lr": self.args.alp_sigma_learning_rate, "weight_decay": self.args.alp_sigma_weight_decay}
