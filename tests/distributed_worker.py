@@ -144,7 +144,8 @@ def make_trainer(tokenizer, out_dir: str, cls=ALPGRPOTrainer, peft: bool = False
     # FSDP2 on CPUs runs under accelerate's multi-CPU state (use_cpu); DeepSpeed needs use_cpu off (accelerate turns
     # DeepSpeed off on "cpu") and the gloo backend named (see docs/distributed.md).
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    backend = "gloo" if "WORLD_SIZE" in os.environ else None  # None: the single-process reference
+    # None: the single-process reference (an earlier in-process test, e.g. vLLM colocate, may leave WORLD_SIZE=1)
+    backend = "gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     settings = {**TRAINER_SETTINGS, "use_cpu": not deepspeed, "ddp_backend": backend, "gradient_checkpointing": False}
     args = ALPConfig(**{**settings, **overrides}, output_dir=out_dir)
     trainer = cls(
