@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -93,23 +94,119 @@ _FORWARD_KEYS = (
 )
 
 
+def engine_name(accelerator) -> str:
+    """Which training engine `accelerator` drives: "fsdp2", "fsdp1", "zero0"-"zero3", "ddp" or "single"."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return f"fsdp{getattr(accelerator.state.fsdp_plugin, 'fsdp_version', 1)}"
+    if kind == DistributedType.DEEPSPEED:
+        return f"zero{accelerator.state.deepspeed_plugin.zero_stage}"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def engine_owns_optimizer(accelerator) -> bool:
+    """Whether the engine rebuilds the optimizer around the model's parameters, so σ (not a model parameter) needs
+    an optimizer of its own: FSDP2 swaps every optimizer parameter for its sharded DTensor (accelerate raises a
+    KeyError on any other parameter); DeepSpeed ZeRO flattens and partitions every parameter of its optimizer."""
+    return engine_name(accelerator).startswith(("fsdp", "zero"))
+
+
+def promote_cpu_fsdp(accelerator) -> bool:
+    """Turn accelerate's multi-CPU state into FSDP when FSDP was asked for (``ACCELERATE_USE_FSDP``, set by
+    ``accelerate launch`` from an FSDP config or by a `FullyShardedDataParallelPlugin`).
+
+    accelerate 1.15 enables FSDP only for accelerator devices: on CPUs (gloo) it keeps ``MULTI_CPU`` and the model
+    runs replicated under DDP, while PyTorch's `fully_shard` itself runs on CPUs with gloo. Returns whether it
+    promoted."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    wanted = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not wanted or state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    plugin = getattr(accelerator, "_alp_fsdp_plugin", None) or FullyShardedDataParallelPlugin()
+    state.fsdp_plugin = plugin
+    # both singletons: every `AcceleratorState()` call copies PartialState's fields over its own
+    PartialState().distributed_type = state.distributed_type = DistributedType.FSDP
+    logger.info("FSDP%d on CPUs: %d processes, backend %s", plugin.fsdp_version, state.num_processes, state.backend)
+    return True
+
+
+def _json_state(value):
+    """An optimizer state dict as JSON (tensors as ``{"tensor": values, "dtype": name}``; float repr round-trips)."""
+    if isinstance(value, torch.Tensor):
+        return {"tensor": value.tolist(), "dtype": str(value.dtype).removeprefix("torch.")}
+    if isinstance(value, dict):
+        return {str(key): _json_state(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_state(item) for item in value]
+    return value
+
+
+def _tensor_state(value, key: str | None = None):
+    """Inverse of `_json_state` for an optimizer state dict (its per-parameter keys are ints again)."""
+    if isinstance(value, dict) and set(value) == {"tensor", "dtype"}:
+        return torch.tensor(value["tensor"], dtype=getattr(torch, value["dtype"]))
+    if isinstance(value, dict):
+        convert = int if key == "state" else str
+        return {convert(k): _tensor_state(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        items = [_tensor_state(item) for item in value]
+        return tuple(items) if key == "betas" else items
+    return value
+
+
+def check_engine_state(accelerator) -> None:
+    """Refuse the states in which accelerate counts one process per rank while several run: each rank would train
+    alone on its own data (no gradient all-reduce, no sharding) and the run would still look green."""
+    from accelerate.utils import DistributedType
+
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise ValueError(
+            f"{world} processes run, but accelerate found no accelerator device and was not told to use the CPU, so "
+            "each would train alone. On CPUs set use_cpu=True (--use_cpu true); for DeepSpeed on CPUs keep "
+            "use_cpu=False and set ddp_backend='gloo' (see docs/distributed.md)."
+        )
+    if world > 1 and accelerator.num_processes != world:
+        raise ValueError(
+            f"{world} processes run, but accelerate counts {accelerator.num_processes} ({accelerator.distributed_type})"
+            ": DeepSpeed on CPUs needs ddp_backend='gloo' (--ddp_backend gloo); see docs/distributed.md."
+        )
+
+
 class _SigmaGradCallback(TrainerCallback):
-    """σ lives outside the (DDP) model, so the Trainer neither all-reduces nor zeroes its gradient: do both here,
-    and drop a non-finite σ gradient (counted in ``alp/faults/sigma_grad_nonfinite``)."""
+    """σ lives outside the model, so no engine (DDP, FSDP2, DeepSpeed) all-reduces, steps or zeroes its gradient: do
+    it here, and drop a non-finite σ gradient (counted in ``alp/faults/sigma_grad_nonfinite``).
+
+    Under DDP σ is a group of the main optimizer, stepped with it. Under FSDP2 and DeepSpeed it has an optimizer of
+    its own (`ALPGRPOTrainer.alp_sigma_optimizer`), stepped here at the main scheduler's current learning-rate factor
+    (what σ's group would get from that scheduler)."""
 
     def __init__(self, trainer: ALPGRPOTrainer):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        log_sigma = self.trainer.alp_perturbation.log_sigma
+        trainer = self.trainer
+        log_sigma = trainer.alp_perturbation.log_sigma
         if not log_sigma.requires_grad:
             return
         grad = log_sigma.grad if log_sigma.grad is not None else torch.zeros_like(log_sigma)
-        if self.trainer.accelerator.num_processes > 1:
-            grad = self.trainer.accelerator.reduce(grad, reduction="mean")
+        if trainer.accelerator.num_processes > 1:
+            grad = trainer.accelerator.reduce(grad, reduction="mean")
         finite = bool(torch.isfinite(grad).all())
-        self.trainer._metrics["train"]["alp/faults/sigma_grad_nonfinite"].append(float(not finite))
+        trainer._metrics["train"]["alp/faults/sigma_grad_nonfinite"].append(float(not finite))
         log_sigma.grad = grad if finite else torch.zeros_like(grad)  # a bad step must not corrupt σ
+        optimizer = trainer.alp_sigma_optimizer
+        if optimizer is not None:
+            main_lr = trainer.lr_scheduler.get_last_lr()[0] if trainer.lr_scheduler is not None else args.learning_rate
+            factor = main_lr / args.learning_rate if args.learning_rate else 1.0
+            for group in optimizer.param_groups:
+                group["lr"] = args.alp_sigma_learning_rate * factor
+            optimizer.step()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.alp_perturbation.log_sigma.grad = None  # the Trainer only calls model.zero_grad()
@@ -204,6 +301,8 @@ class ALPGRPOTrainer(GRPOTrainer):
             )
         self.alp_calibration: dict | None = None  # σ₀ calibration (alp_init_sigma="auto"), saved in alp_state.json
         self._alp_sigma_restored = False  # σ came from a checkpoint: never recalibrate
+        self.alp_sigma_optimizer: torch.optim.Optimizer | None = None  # σ's own, when the engine owns the optimizer
+        self._alp_main_optimizer: torch.optim.Optimizer | None = None  # the optimizer σ's was made next to
         self.add_callback(_SigmaGradCallback(self))
 
     def _build_perturbation(self, args: ALPConfig) -> LayerPerturbation:
@@ -232,17 +331,58 @@ class ALPGRPOTrainer(GRPOTrainer):
         )
 
     # ----------------------------------------------------------------------------------------------- optimizer
+    # Everything ALP needs for the training engines (DDP, FSDP2, DeepSpeed ZeRO) is in this section, in the
+    # module-level functions above `_SigmaGradCallback` and in that callback: FSDP on CPUs, refused one-process-per-
+    # rank states, σ's optimizer (a group of the main one, or its own), σ's gradient all-reduce, the final FSDP save.
+    # σ is replicated on every rank (a handful of floats), never sharded; saving it is rank 0's (`args.should_save`,
+    # `_write_alp_state`), its own optimizer's state travels in alp_state.json (`alp_state`, `load_alp_state`).
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin_args = self.args.fsdp_plugin_args
+        self.accelerator._alp_fsdp_plugin = FullyShardedDataParallelPlugin(**plugin_args) if plugin_args else None
+        check_engine_state(self.accelerator)
+        if promote_cpu_fsdp(self.accelerator):
+            self.is_fsdp_enabled = True
+            if self.accelerator.state.fsdp_plugin.activation_checkpointing and self.args.gradient_checkpointing:
+                raise ValueError(
+                    "The activation_checkpointing in the FSDP config and gradient_checkpointing in the training "
+                    "arguments cannot both be on: use one of them."
+                )
+
+    @contextlib.contextmanager
+    def _alp_full_state_dict(self):
+        """transformers' `save_model` writes no weights at all for an FSDP ``SHARDED_STATE_DICT`` model (checkpoints
+        keep the shards): gather the final model on rank 0 instead."""
+        plugin = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
+        if plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+            yield
+            return
+        previous = plugin.state_dict_type
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+        try:
+            yield
+        finally:
+            plugin.set_state_dict_type(previous)
+
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         log_sigma = self.alp_perturbation.log_sigma
-        if log_sigma.requires_grad and not any(p is log_sigma for g in optimizer.param_groups for p in g["params"]):
-            optimizer.add_param_group(
-                {
-                    "params": [log_sigma],
-                    "lr": self.args.alp_sigma_learning_rate,
-                    "weight_decay": self.args.alp_sigma_weight_decay,
-                }
-            )
+        if self.alp_sigma_optimizer is not None and self._alp_main_optimizer is optimizer:
+            return optimizer  # asked again for the same optimizer (DeepSpeed's setup calls this twice)
+        self.alp_sigma_optimizer, self._alp_main_optimizer = None, optimizer
+        if not log_sigma.requires_grad or any(p is log_sigma for g in optimizer.param_groups for p in g["params"]):
+            return optimizer
+        group = {"lr": self.args.alp_sigma_learning_rate, "weight_decay": self.args.alp_sigma_weight_decay}
+        if engine_owns_optimizer(self.accelerator):
+            # the main optimizer's class and settings, σ's learning rate and weight decay (see `engine_owns_optimizer`)
+            accepted = inspect.signature(type(optimizer).__init__).parameters
+            kwargs = {key: value for key, value in optimizer.defaults.items() if key in accepted}
+            self.alp_sigma_optimizer = type(optimizer)([log_sigma], **{**kwargs, **group})
+            logger.info("%s: σ has its own %s", engine_name(self.accelerator), type(optimizer).__name__)
+        else:
+            optimizer.add_param_group({"params": [log_sigma], **group})
         return optimizer
 
     # ------------------------------------------------------------------------------------ perturbation scope
@@ -630,6 +770,10 @@ class ALPGRPOTrainer(GRPOTrainer):
             "log_sigma": p.log_sigma.tolist(),
             "sigma": p.sigma.tolist(),
             "calibration": self.alp_calibration,
+            # σ's own optimizer under FSDP2/DeepSpeed (under DDP its state is a group in the Trainer's optimizer.pt)
+            "sigma_optimizer": _json_state(self.alp_sigma_optimizer.state_dict())
+            if self.alp_sigma_optimizer
+            else None,
         }
 
     def _write_alp_state(self, directory: str) -> None:
@@ -644,7 +788,8 @@ class ALPGRPOTrainer(GRPOTrainer):
             self._write_alp_state(os.path.join(self._get_output_dir(trial=trial), checkpoint))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        super().save_model(output_dir, _internal_call)
+        with contextlib.nullcontext() if _internal_call else self._alp_full_state_dict():
+            super().save_model(output_dir, _internal_call)
         if self.args.should_save and not _internal_call:
             output_dir = output_dir or self.args.output_dir
             self._write_alp_state(output_dir)
@@ -724,3 +869,9 @@ class ALPGRPOTrainer(GRPOTrainer):
             self.alp_perturbation.log_sigma.copy_(torch.tensor(state["log_sigma"]))
         self.alp_calibration = state.get("calibration")
         self._alp_sigma_restored = True
+        saved = state.get("sigma_optimizer")
+        if self.alp_sigma_optimizer is not None:
+            if saved is None:
+                logger.warning("%s has no state of σ's optimizer: σ's Adam moments start from zero.", source)
+            else:
+                self.alp_sigma_optimizer.load_state_dict(_tensor_state(saved))
