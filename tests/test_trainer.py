@@ -106,13 +106,13 @@ def test_frozen_sigma_does_not_move(make_trainer):
     torch.testing.assert_close(trainer.alp_perturbation.sigma, torch.full((2,), 0.02))
 
 
-@pytest.mark.parametrize("activation_checkpointing", [True, False])
-def test_lora_with_and_without_activation_checkpointing(make_trainer, activation_checkpointing):
+@pytest.mark.parametrize("gradient_checkpointing", [True, False])
+def test_lora_with_and_without_gradient_checkpointing(make_trainer, gradient_checkpointing):
     from peft import LoraConfig
 
     trainer = make_trainer(
         max_steps=2,
-        activation_checkpointing=activation_checkpointing,
+        gradient_checkpointing=gradient_checkpointing,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}

@@ -109,7 +109,7 @@ def _run_config(args: DemoArguments, correction: str, output_dir: str):
         report_to="none",
         bf16=False,
         use_cpu=True,
-        activation_checkpointing=False,  # transformers 5 name: gradient_checkpointing is deprecated
+        gradient_checkpointing=False,  # the name transformers 5.17 (vLLM's CPU build) and 5.24 both accept
         seed=args.seed,
         alp_rollout_dtype=args.rollout_dtype,
         disable_tqdm=False,
