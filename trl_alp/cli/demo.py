@@ -4,10 +4,10 @@ Mismatch comes from rollouts generated from 8-bit fake-quantised weights while t
 with ``--rollout_dtype bfloat16``, under bf16 autocast), plus staleness
 (``steps_per_generation=2``: every other optimizer step trains on rollouts from the previous weights).
 
-The task is chosen so that the model visibly learns within the demo's few steps, for every correction: single-digit
+The task is chosen so that the model can learn within the demo's few steps, under every correction: single-digit
 additions with an answer-only system prompt (`addition_dataset`), which SmolLM2-135M-Instruct partly solves already,
 completions capped at 16 tokens (a long detour is cut off before its answer and earns nothing) and a LoRA learning
-rate high enough to move the reward in a dozen steps. What then differs between the corrections is the ratio and its
+rate high enough to move the reward in a dozen steps (high enough, too, that a run can collapse). What then differs between the corrections is the ratio and its
 tails, not whether anything was learned. ``--task arithmetic`` keeps the earlier, harder mix of word problems.
 The report folder holds ``results.md`` (table), ``results.json``, ``envelopes.png`` and one run folder per correction.
 """
