@@ -5,6 +5,7 @@ import re
 from datasets import Dataset
 
 from trl_alp.cli.data import (
+    addition_dataset,
     arithmetic_dataset,
     correctness_reward,
     gsm8k_to_prompts,
@@ -30,6 +31,23 @@ def test_arithmetic_dataset_answers_are_correct_and_reproducible():
         assert int(row["answer"]) == _solve(row["prompt"][1]["content"]) >= 0
     assert arithmetic_dataset(64, seed=3)["answer"] == data["answer"]
     assert arithmetic_dataset(64, seed=4)["answer"] != data["answer"]
+
+
+def test_addition_dataset_and_its_rewards():
+    data = addition_dataset(64, seed=5)
+    assert data.column_names == ["prompt", "answer"] and len(data) == 64
+    for row in data:
+        system, user = row["prompt"]
+        assert system == {"role": "system", "content": "Reply with only the number."}
+        a, b = (int(x) for x in re.fullmatch(r"What is (\d) \+ (\d)\?", user["content"]).groups())
+        assert 1 <= a <= 9 and 1 <= b <= 9 and row["answer"] == str(a + b)
+    assert addition_dataset(64, seed=5)["prompt"] == data["prompt"]
+    assert addition_dataset(64, seed=6)["prompt"] != data["prompt"]
+    # replies the way SmolLM2 writes them: bare, as an equation, cut off mid-detour, wrong, none
+    replies = ["7", "3 + 4 = 7", "To add 3 and 4 we first", "3 + 4 = 8", "Seven."]
+    completions = [[{"role": "assistant", "content": r}] for r in replies]
+    assert correctness_reward(completions, answer=["7"] * 5) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert number_format_reward(completions) == [0.2, 0.2, 0.2, 0.2, 0.0]  # the cut-off detour ends on "4"
 
 
 def test_rewards():

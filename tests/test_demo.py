@@ -140,3 +140,13 @@ def test_alp_runs_calibrate_sigma_and_the_others_keep_the_defaults(caplog):
     assert _run_config(paper, "seq-alp", "unused").alp_init_sigma == 0.02
     with pytest.raises(ValueError, match="alp_init_sigma must be a number > 0 or 'auto'"):
         check_demo_args(DemoArguments(model="tiny", alp_init_sigma="big"))
+
+
+def test_demo_task_and_threads_are_checked():
+    from trl_alp.cli.demo import DemoArguments
+
+    assert DemoArguments().task == "addition" and DemoArguments().threads == 0
+    with pytest.raises(ValueError, match="--task must be one of"):
+        DemoArguments(task="gsm8k")
+    with pytest.raises(ValueError, match="--threads must be >= 0"):
+        DemoArguments(threads=-1)

@@ -50,6 +50,33 @@ def arithmetic_dataset(n: int = 256, seed: int = 0, max_operand: int = 20) -> Da
     return Dataset.from_list(rows)
 
 
+ANSWER_ONLY_PROMPT = "Reply with only the number."
+
+
+def addition_dataset(n: int = 128, seed: int = 0, max_operand: int = 9) -> Dataset:
+    """Single-digit additions ("What is 3 + 4?") under a system prompt that asks for the bare number.
+
+    The demo's task. SmolLM2-135M-Instruct already answers part of them with the right sum, often in a few tokens
+    ("3 + 4 = 7"), and part with a long detour that a short completion budget cuts off before any correct number:
+    within every group of completions some earn the reward and some do not, so GRPO has a signal from its first step
+    and a few LoRA steps can move the reward. Columns as in `arithmetic_dataset`.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, max_operand), rng.randint(1, max_operand)
+        rows.append(
+            {
+                "prompt": [
+                    {"role": "system", "content": ANSWER_ONLY_PROMPT},
+                    {"role": "user", "content": f"What is {a} + {b}?"},
+                ],
+                "answer": str(a + b),
+            }
+        )
+    return Dataset.from_list(rows)
+
+
 def gsm8k_to_prompts(dataset: Dataset) -> Dataset:
     """Map GSM8K's ``question`` / ``answer`` (``... #### 42``) to ``prompt`` / ``answer`` columns."""
 

@@ -1,7 +1,14 @@
 """The embedded demo: GRPO, Bypass and ALP side by side on the same model, data and seed, under real mismatch.
 
-Mismatch comes from rollouts generated under bf16 autocast while training runs in fp32, plus staleness
+Mismatch comes from rollouts generated from 8-bit fake-quantised weights while training uses the fp32 weights (or,
+with ``--rollout_dtype bfloat16``, under bf16 autocast), plus staleness
 (``steps_per_generation=2``: every other optimizer step trains on rollouts from the previous weights).
+
+The task is chosen so that the model can learn within the demo's few steps, under every correction: single-digit
+additions with an answer-only system prompt (`addition_dataset`), which SmolLM2-135M-Instruct partly solves already,
+completions capped at 16 tokens (a long detour is cut off before its answer and earns nothing) and a LoRA learning
+rate high enough to move the reward in a dozen steps (high enough, too, that a run can collapse). What then differs between the corrections is the ratio and its
+tails, not whether anything was learned. ``--task arithmetic`` keeps the earlier, harder mix of word problems.
 The report folder holds ``results.md`` (table), ``results.json``, ``envelopes.png`` and one run folder per correction.
 """
 
@@ -20,6 +27,7 @@ from .plot import load_log_history, series
 logger = logging.getLogger(__name__)
 
 MODELS = ("smollm2", "tiny")
+TASKS = ("addition", "arithmetic")
 
 
 @dataclass
@@ -39,11 +47,27 @@ class DemoArguments:
     max_steps: int | None = field(
         default=None, metadata={"help": "Optimizer steps per run (default 12 smollm2 / 8 tiny)."}
     )
-    num_prompts: int = field(
-        default=128, metadata={"help": "Size of the generated arithmetic / word-problem dataset."}
+    task: str = field(
+        default="addition",
+        metadata={
+            "help": "'addition' (single-digit sums, answer-only prompt: learnable in the demo's steps) or "
+            "'arithmetic' (two-digit arithmetic and word problems: harder)."
+        },
     )
+    num_prompts: int = field(default=128, metadata={"help": "Size of the generated dataset."})
     rollout_dtype: str | None = field(
-        default="bfloat16", metadata={"help": "Rollout precision ('bfloat16', 'float16', or 'none' for fp32)."}
+        default=None,
+        metadata={
+            "help": "Rollout precision under autocast ('bfloat16', 'float16', or 'none' for fp32, the default)."
+        },
+    )
+    rollout_weight_bits: int | None = field(
+        default=8,
+        metadata={
+            "help": "Generate from fake-quantised weights (4 or 8 bits; 0 for the training weights). The default "
+            "mismatch: 8-bit weights run at fp32 speed on every CPU, whereas bf16 autocast is many times slower on "
+            "CPUs without native bf16 instructions."
+        },
     )
     alp_init_sigma: str = field(
         default="auto",
@@ -54,12 +78,25 @@ class DemoArguments:
     )
     output_dir: str = field(default="alp-demo", metadata={"help": "Report folder."})
     seed: int = field(default=0, metadata={"help": "Seed shared by every run."})
+    threads: int = field(
+        default=0,
+        metadata={
+            "help": "torch intra-op threads (0: torch's default). On a CPU shared with other jobs, 1 can be much "
+            "faster than oversubscribed cores."
+        },
+    )
 
     def __post_init__(self):
         if self.model not in MODELS:
             raise ValueError(f"--model must be one of {list(MODELS)}, got {self.model!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {list(TASKS)}, got {self.task!r}")
+        if self.threads < 0:
+            raise ValueError(f"--threads must be >= 0, got {self.threads}")
         if isinstance(self.rollout_dtype, str) and self.rollout_dtype.lower() == "none":
             self.rollout_dtype = None
+        if not self.rollout_weight_bits:
+            self.rollout_weight_bits = None
         if self.max_steps is None:
             self.max_steps = 12 if self.model == "smollm2" else 8
         if self.max_steps < 1:
@@ -99,9 +136,9 @@ def _run_config(args: DemoArguments, correction: str, output_dir: str):
         per_device_train_batch_size=8,
         num_generations=8,
         steps_per_generation=STEPS_PER_GENERATION,  # staleness: the second step trains on older rollouts
-        max_completion_length=48 if smol else 16,
+        max_completion_length=16,  # the answer fits; a long detour is cut off unrewarded (and steps stay cheap)
         temperature=1.0,
-        learning_rate=2e-4 if smol else 1e-2,
+        learning_rate=SMOLLM2_LEARNING_RATE if smol else 1e-2,
         lr_scheduler_type="constant",
         beta=0.0,
         logging_steps=1,
@@ -112,12 +149,14 @@ def _run_config(args: DemoArguments, correction: str, output_dir: str):
         gradient_checkpointing=False,  # the name transformers 5.17 (vLLM's CPU build) and 5.24 both accept
         seed=args.seed,
         alp_rollout_dtype=args.rollout_dtype,
+        alp_rollout_weight_bits=args.rollout_weight_bits,
         disable_tqdm=False,
         **sigma,
     )
 
 
 STEPS_PER_GENERATION = 2  # the demo's staleness: one generation feeds two optimizer steps
+SMOLLM2_LEARNING_RATE = 1e-3  # LoRA: high enough that the reward moves within the demo's steps
 
 
 def _progress_callback(label: str, on_measured=None):
@@ -236,6 +275,11 @@ def _log_estimate(
     )
 
 
+def _rollout_label(args: DemoArguments) -> str:
+    bits = f" with {args.rollout_weight_bits}-bit weights" if args.rollout_weight_bits else ""
+    return (args.rollout_dtype or "fp32") + bits
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
@@ -256,11 +300,15 @@ def run_demo(args: DemoArguments) -> dict[str, dict[str, float]]:
     from transformers import ProgressCallback
 
     from ..trainer import ALPGRPOTrainer
-    from .data import REWARD_FUNCS, arithmetic_dataset
+    from .data import REWARD_FUNCS, addition_dataset, arithmetic_dataset
     from .models import load_offline_model
     from .plot import plot_envelopes
 
     check_demo_args(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     corrections = args.correction_list
     cycle = STEPS_PER_GENERATION
     logger.info(
@@ -268,11 +316,12 @@ def run_demo(args: DemoArguments) -> dict[str, dict[str, float]]:
         ", ".join(corrections),
         args.max_steps,
         args.model,
-        args.rollout_dtype or "fp32",
+        _rollout_label(args),
         2 * cycle if args.max_steps >= 2 * cycle else min(cycle, args.max_steps),
     )
     os.makedirs(args.output_dir, exist_ok=True)
-    dataset = arithmetic_dataset(args.num_prompts, seed=args.seed)
+    make_dataset = addition_dataset if args.task == "addition" else arithmetic_dataset
+    dataset = make_dataset(args.num_prompts, seed=args.seed)
     rewards = [REWARD_FUNCS["correctness"], REWARD_FUNCS["number_format"]]
     run_dirs, timings = [], {}
     demo_start = time.perf_counter()
@@ -308,7 +357,7 @@ def run_demo(args: DemoArguments) -> dict[str, dict[str, float]]:
     table = markdown_table(rows)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(
-            f"# trl-alp demo ({args.model}, {args.max_steps} steps, rollouts in {args.rollout_dtype or 'fp32'})\n\n"
+            f"# trl-alp demo ({args.model}, {args.task}, {args.max_steps} steps, rollouts in {_rollout_label(args)})\n\n"
         )
         f.write(table + "\n\n![envelopes](envelopes.png)\n")
     print(table)
