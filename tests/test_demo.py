@@ -150,6 +150,8 @@ def test_demo_task_and_threads_are_checked():
         DemoArguments(task="gsm8k")
     with pytest.raises(ValueError, match="--threads must be >= 0"):
         DemoArguments(threads=-1)
+    with pytest.raises(ValueError, match="--learning_rate must be > 0"):
+        DemoArguments(learning_rate=0.0)
 
 
 def test_demo_engine_is_checked_and_vllm_rolls_out_in_bf16():
@@ -161,6 +163,8 @@ def test_demo_engine_is_checked_and_vllm_rolls_out_in_bf16():
     check_demo_args(args)
     assert args.rollout_weight_bits is None and args.rollout_dtype == "bfloat16"  # a real engine: no emulation
     config = _run_config(args, "seq-alp", "unused")
+    assert config.learning_rate == 1e-2  # the tiny model's default; --learning_rate replaces it
+    assert _run_config(DemoArguments(model="tiny", learning_rate=3e-4), "grpo", "unused").learning_rate == 3e-4
     assert config.use_vllm and config.vllm_mode == "colocate" and config.alp_rollout_dtype == "bfloat16"
 
 

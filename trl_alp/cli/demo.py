@@ -86,6 +86,9 @@ class DemoArguments:
     )
     output_dir: str = field(default="alp-demo", metadata={"help": "Report folder."})
     seed: int = field(default=0, metadata={"help": "Seed shared by every run."})
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of every run (default 1e-3 smollm2 LoRA / 1e-2 tiny)."}
+    )
     threads: int = field(
         default=0,
         metadata={
@@ -99,6 +102,8 @@ class DemoArguments:
             raise ValueError(f"--model must be one of {list(MODELS)}, got {self.model!r}")
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {list(TASKS)}, got {self.task!r}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
         if self.threads < 0:
             raise ValueError(f"--threads must be >= 0, got {self.threads}")
         if isinstance(self.rollout_dtype, str) and self.rollout_dtype.lower() == "none":
@@ -151,7 +156,7 @@ def _run_config(args: DemoArguments, correction: str, output_dir: str):
         steps_per_generation=STEPS_PER_GENERATION,  # staleness: the second step trains on older rollouts
         max_completion_length=16,  # the answer fits; a long detour is cut off unrewarded (and steps stay cheap)
         temperature=1.0,
-        learning_rate=SMOLLM2_LEARNING_RATE if smol else 1e-2,
+        learning_rate=args.learning_rate or (SMOLLM2_LEARNING_RATE if smol else 1e-2),
         lr_scheduler_type="constant",
         beta=0.0,
         logging_steps=1,
