@@ -88,8 +88,9 @@ def test_bench_json_reports_every_phase_ratio_and_memory(bench_json):
     for scenario in ("old-logprobs", "stale-steps"):
         row = results[scenario]
         grpo_pass, whole = row["grpo"]["logprob_pass_s"]["median"], row["grpo"]["whole_step_s"]["median"]
-        alp_pass = row["alp"]["logprob_pass_s"]["median"]  # ALP's trainer is called for the pass and skips it
-        assert grpo_pass > 0.0 and alp_pass < 0.05 * grpo_pass, scenario
+        assert grpo_pass > 0.0 and row["grpo"]["logprob_passes"]["median"] > 0, scenario
+        assert row["alp"]["logprob_passes"]["max"] == 0, scenario  # ALP's trainer is called for the pass, skips it
+        alp_pass = row["alp"]["logprob_pass_s"]["median"]
         assert row["pass_saving_bound"] == pytest.approx(1 - (grpo_pass - alp_pass) / whole)
         assert 0 < row["pass_saving_bound"] < 1
 

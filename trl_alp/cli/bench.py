@@ -57,6 +57,7 @@ PHASES = (
     "whole_step_cpu_s",
     "generation_cpu_s",
     "training_cpu_s",
+    "logprob_passes",  # log-prob passes that computed something during generation (ALP's skipped old pass: 0)
 )
 GENERATION_LABEL = "bench/generation"
 NOISE_OP = "_AddSeededNoise"  # the autograd Function of trl_alp.perturbation (its backward: ...Backward)
@@ -200,6 +201,7 @@ class StepTimer(TrainerCallback):
         self._begin = (0.0, 0.0)
         self._generation = [0.0, 0.0]
         self._logprob = 0.0
+        self._passes = 0
         self._in_prepare = False
         # the Trainer looks both methods up on the instance: wrap them there
         self._prepare, self._logps = trainer._prepare_inputs, trainer._get_per_token_logps_and_entropies
@@ -228,12 +230,14 @@ class StepTimer(TrainerCallback):
             return self._logps(*args, **kwargs)
         start = self._now()[0]
         try:
-            return self._logps(*args, **kwargs)
+            out = self._logps(*args, **kwargs)
+            self._passes += out[0] is not None
+            return out
         finally:
             self._logprob += self._now()[0] - start
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._generation, self._logprob = [0.0, 0.0], 0.0
+        self._generation, self._logprob, self._passes = [0.0, 0.0], 0.0, 0
         self._begin = self._now()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -244,6 +248,7 @@ class StepTimer(TrainerCallback):
                 "generation_s": self._generation[0],
                 "training_s": wall - self._generation[0],
                 "logprob_pass_s": self._logprob,
+                "logprob_passes": self._passes,
                 "whole_step_cpu_s": cpu,
                 "generation_cpu_s": self._generation[1],
                 "training_cpu_s": cpu - self._generation[1],
