@@ -13,7 +13,6 @@ emulated engines of the ``generate`` path: ``autocast-bf16``, ``autocast-fp16`` 
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -166,28 +165,31 @@ def sample_vllm(folder: str, dtype: str, prompts: list[list[int]], args: Mismatc
     return completions, torch.tensor(logps, dtype=torch.float64)
 
 
-def sample_generate(model, engine: dict, prompts: list[list[int]], args: MismatchArguments, pad_id: int):
-    """``(completion_ids, logps)`` from transformers ``generate`` under an emulated engine (one prompt at a time,
-    so no padding enters the comparison)."""
+def sample_generate(model, engine: dict, prompts: list[list[int]], args: MismatchArguments):
+    """``(completion_ids, logps)`` sampled by `model` under an emulated engine (autocast or fake-quantised weights).
+
+    A plain sampling loop over the KV cache rather than ``generate``: generate stops at EOS (or, told not to, masks
+    EOS out of the distribution, which would bias the recorded log-probs); here every completion has `max_tokens`
+    tokens drawn from the engine's full temperature-1 distribution, as vLLM's ``ignore_eos`` does.
+    """
     import torch
 
-    from ..rollout import record_generate_logprobs, rollout_engine
+    from ..rollout import rollout_engine
 
+    generator = torch.Generator().manual_seed(args.seed)
     completions, logps = [], []
-    config = copy.deepcopy(model.generation_config)
-    config.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.max_tokens)
-    config.update(pad_token_id=pad_id, eos_token_id=None)  # EOS does not stop: every completion has every length
-    torch.manual_seed(args.seed)
-    with (
-        torch.no_grad(),
-        rollout_engine(model, engine.get("dtype"), engine.get("weight_bits")),
-        record_generate_logprobs(model, 1.0) as recorder,
-    ):
+    with torch.no_grad(), rollout_engine(model, engine.get("dtype"), engine.get("weight_bits")):
         for prompt in prompts:
-            ids = torch.tensor([prompt])
-            out = model.generate(ids, generation_config=config)
-            completions.append(out[0, ids.size(1) :].tolist())
-            logps.append(recorder.results[-1][0].double())
+            ids, past, tokens, values = torch.tensor([prompt]), None, [], []
+            for _ in range(args.max_tokens):
+                out = model(input_ids=ids, past_key_values=past, use_cache=True)
+                logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+                token = int(torch.multinomial(logp.exp(), 1, generator=generator))
+                tokens.append(token)
+                values.append(logp[token].double())
+                ids, past = torch.tensor([[token]]), out.past_key_values
+            completions.append(tokens)
+            logps.append(torch.stack(values))
     return completions, torch.stack(logps)
 
 
@@ -214,7 +216,6 @@ def run_mismatch(args: MismatchArguments) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     prompts = _prompt_ids(tokenizer, args)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     results = {"settings": {k: v for k, v in asdict(args).items()}, "engines": {}}
     for name in args.engine_list:
         start = time.perf_counter()
@@ -223,7 +224,7 @@ def run_mismatch(args: MismatchArguments) -> dict:
             if name in VLLM_ENGINES:
                 completions, engine_logps = sample_vllm(folder, VLLM_ENGINES[name], prompts, args)
             else:
-                completions, engine_logps = sample_generate(model, EMULATED_ENGINES[name], prompts, args, pad_id)
+                completions, engine_logps = sample_generate(model, EMULATED_ENGINES[name], prompts, args)
         except Exception as error:  # an engine this machine cannot run is a result, not the end of the report
             logger.warning("mismatch: %s did not run: %s", name, error)
             results["engines"][name] = {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
