@@ -260,4 +260,4 @@ def test_package_names_load_on_first_use():
 
 def test_python_dash_m_entry_point():
     done = subprocess.run([sys.executable, "-m", "trl_alp", "--help"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and "usage: trl-alp {train,demo,plot,bench,stress}" in done.stdout
+    assert done.returncode == 0 and "usage: trl-alp {train,demo,plot,bench,stress,mismatch}" in done.stdout

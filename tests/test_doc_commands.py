@@ -26,6 +26,7 @@ from trl_alp.cli.main import main
 
 # Inline mentions of `trl-alp ...` in the docs that are not commands.
 NOT_COMMANDS = {"trl-alp train: error: ..."}
+ERROR_MESSAGE = re.compile(r"trl-alp \w+: error: ")  # a quoted error message, not a command
 HUB_ONLY = "[Hub: parsed and validated only]"
 
 
@@ -39,7 +40,8 @@ def _doc_commands() -> list[tuple[str, str]]:
             (name, line.strip()) for block in blocks for line in block.splitlines() if line.startswith("trl-alp")
         ]
         prose = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
-        commands += [(name, span) for span in re.findall(r"`(trl-alp[^`]*)`", prose) if span not in NOT_COMMANDS]
+        spans = re.findall(r"`(trl-alp[^`]*)`", prose)
+        commands += [(name, span) for span in spans if span not in NOT_COMMANDS and not ERROR_MESSAGE.match(span)]
     return commands
 
 
@@ -83,6 +85,8 @@ def _quick(argv: list[str]) -> list[str]:
     if command == "stress":  # one cell, one correction, one seed, one step; the grid is tested in test_stress.py
         for flag, value in (("cells", "fp32-s1"), ("corrections", "seq-alp"), ("seeds", "1"), ("max_steps", "1")):
             argv = _set(argv, flag, value)
+        if not cli._value(argv, "output_dir"):  # one folder per preset: a grid refuses results of other settings
+            argv = _set(argv, "output_dir", f"stress-{cli._value(argv, 'preset') or 'cpu'}")
         return _set(argv, "workers", "1")
     if command == "bench":
         quick = {"model": "tiny", "finetune": "full", "cycles": "1", "warmup": "0", "repeats": "1", "threads": "1"}

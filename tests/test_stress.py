@@ -117,7 +117,8 @@ def test_aggregate_mean_std_and_worst_tie():
 
 def test_gpu_preset_settings_are_a_valid_config(tmp_path):
     args = StressArguments(preset="gpu", output_dir=str(tmp_path))
-    assert args.cell_list == list(PRESETS["gpu"].cells)
+    vllm = stress._vllm_installed()  # then the fp16 autocast cells are vLLM engines in fp16
+    assert args.cell_list == list(PRESETS["gpu"].vllm_cells if vllm else PRESETS["gpu"].cells)
     for cell_name in args.cell_list:
         for correction in args.correction_list:
             kwargs = stress.run_config_kwargs(args, Cell.parse(cell_name), correction, 0, str(tmp_path / "run"))
@@ -127,7 +128,7 @@ def test_gpu_preset_settings_are_a_valid_config(tmp_path):
             config = ALPConfig(**{**kwargs, "bf16": False, "use_cpu": True})
             assert config.steps_per_generation == Cell.parse(cell_name).steps_per_generation
     precisions = {Cell.parse(c).precision for c in args.cell_list}
-    assert {"fp16", "4bit"} <= precisions and PRESETS["gpu"].model == "smollm2"
+    assert {"vllm-fp16" if vllm else "fp16", "4bit"} <= precisions and PRESETS["gpu"].model == "smollm2"
 
 
 def test_gpu_preset_needs_cuda(tmp_path, capsys):

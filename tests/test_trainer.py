@@ -74,8 +74,12 @@ def test_noise_only_in_the_loss_forward_once_per_layer_per_micro_step(make_train
 
     trainer._compute_loss = flagged
     trainer.train()
-    assert len(calls) == 2 * 2 * 2  # layers x micro-steps x optimizer steps; generation never perturbed
-    assert all(grad and in_loss for grad, in_loss in calls)
+    # layers x micro-steps x optimizer steps in the loss forward; generation and no-grad passes never perturbed. Where
+    # transformers re-runs the layers' hooks when checkpointing recomputes them in backward (5.17; 5.24 does not),
+    # each layer is perturbed once more, with grad enabled and the same noise (test_perturbation.py checks that).
+    assert sum(in_loss for _, in_loss in calls) == 2 * 2 * 2
+    assert all(grad for grad, _ in calls)
+    assert len(calls) in (2 * 2 * 2, 2 * 2 * 2 * 2)
 
 
 def test_bypass_at_step_zero_has_unit_ratio(make_trainer):
