@@ -16,6 +16,7 @@ policy learning rate (default: the preset's). A correction may carry a σ varian
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import math
@@ -122,30 +123,26 @@ class Preset:
     kl_bound: float = 1.0
 
 
+# Tiny in-code model (4 layers, hidden 64) on the digits task: ≤ 20 min on 2 CPU cores for the default grid.
+_CPU = Preset(
+    model="tiny",
+    # fp32-s16 isolates staleness, bf16/4bit add engine mismatch on top, the last two raise the lr tenfold
+    cells=("fp32-s1", "fp32-s16", "bf16-s16", "4bit-s16", "fp32-s16-lr0.1", "4bit-s16-lr0.1"),
+    max_steps=48,
+    learning_rate=1e-2,
+    per_device_train_batch_size=8,
+    num_generations=4,
+    max_completion_length=16,
+    task="digits",
+)
 PRESETS = {
-    # Tiny in-code model (4 layers, hidden 64) on the digits task: ≤ 20 min on 2 CPU cores for the default grid.
-    "cpu": Preset(
-        model="tiny",
-        # fp32-s16 isolates staleness, bf16/4bit add engine mismatch on top, the last two raise the lr tenfold
-        cells=("fp32-s1", "fp32-s16", "bf16-s16", "4bit-s16", "fp32-s16-lr0.1", "4bit-s16-lr0.1"),
-        max_steps=48,
-        learning_rate=1e-2,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=16,
-        task="digits",
-    ),
+    "cpu": _CPU,
     # The cpu preset's task and settings on the tiny model vLLM accepts, with real-engine cells (vLLM's CPU build)
     # beside emulated ones: fp32 engine without and with staleness, bf16 engine, bf16 autocast, then a tenfold lr.
-    "cpu-vllm": Preset(
+    "cpu-vllm": dataclasses.replace(
+        _CPU,
         model="tiny-vllm",
         cells=("vllm-fp32-s1", "vllm-fp32-s16", "vllm-bf16-s16", "bf16-s16", "vllm-bf16-s16-lr0.1"),
-        max_steps=48,
-        learning_rate=1e-2,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=16,
-        task="digits",
     ),
     # SmolLM2-135M-Instruct full fine-tuning, bf16 training, fp16 / 4-bit rollouts, arithmetic with verifiable reward;
     # with vLLM installed the fp16 autocast cells become vLLM engines in fp16.
