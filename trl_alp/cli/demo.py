@@ -305,14 +305,14 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def _json_safe(value):
+def json_safe(value):
     """NaN/inf (a metric that was never logged, e.g. σ of a non-ALP run) become null: JSON has no NaN."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -374,7 +374,7 @@ def run_demo(args: DemoArguments) -> dict[str, dict[str, float]]:
     rows = {c: {**summarize(d), "train_seconds": timings[c]} for c, d in zip(corrections, run_dirs, strict=True)}
     plot_envelopes(run_dirs, os.path.join(args.output_dir, "envelopes.png"), labels=corrections)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump(_json_safe({"args": vars(args), "results": rows}), f, indent=2, allow_nan=False)
+        json.dump(json_safe({"args": vars(args), "results": rows}), f, indent=2, allow_nan=False)
     table = markdown_table(rows)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -211,12 +210,14 @@ def run_mismatch(args: MismatchArguments) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .demo import json_safe
+
     os.makedirs(args.output_dir, exist_ok=True)
     folder = _prepare_model(args)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     prompts = _prompt_ids(tokenizer, args)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    results = {"settings": {k: v for k, v in asdict(args).items()}, "engines": {}}
+    results = {"settings": asdict(args), "engines": {}}
     for name in args.engine_list:
         start = time.perf_counter()
         logger.info("mismatch: sampling %d × %d tokens with %s", len(prompts), args.max_tokens, name)
@@ -236,15 +237,11 @@ def run_mismatch(args: MismatchArguments) -> dict:
             "seconds": round(time.perf_counter() - start, 1),
         }
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, allow_nan=False, default=_nan_to_none)
+        json.dump(json_safe(results), f, indent=2, allow_nan=False)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(markdown_report(results))
     plot_sequence_spread(results, os.path.join(args.output_dir, "mismatch.png"))
     return results
-
-
-def _nan_to_none(value):
-    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def markdown_report(results: dict) -> str:
