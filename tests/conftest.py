@@ -23,6 +23,22 @@ settings.register_profile("trl-alp", derandomize=True)
 settings.load_profile("trl-alp")
 
 
+# TRL's colocated vLLM engine sets these in os.environ (and leaves them): a later subprocess (a bench arm, an
+# accelerate launch) would inherit them and try to join that process's rendezvous (EADDRINUSE).
+DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _restore_distributed_env():
+    saved = {key: os.environ.get(key) for key in DISTRIBUTED_ENV}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()
