@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from tiny_setup import count_no_grad_logprob_passes
 
 try:
     import vllm  # noqa: F401
@@ -21,7 +22,6 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from trl_alp import ALPGRPOTrainer  # noqa: E402
 from trl_alp.cli.tiny import build_tiny_model  # noqa: E402
 from trl_alp.vllm_engine import ALPVLLMGeneration, engine_dtype, kv_cache_bytes  # noqa: E402
 
@@ -140,16 +140,7 @@ def test_trls_own_vllm_importance_sampling_runs_for_grpo_and_ours_for_tis_mis(vl
 
 def test_stale_rollouts_skip_the_old_pass_and_are_on_policy_only_when_fresh(vllm_trainer):
     trainer = vllm_trainer(correction="seq-bypass", max_steps=4, steps_per_generation=2, num_iterations=2)
-    passes = []
-    original = ALPGRPOTrainer._get_per_token_logps_and_entropies
-
-    def counting(self, model, *args, **kwargs):
-        out = original(self, model, *args, **kwargs)
-        if out[0] is not None and not torch.is_grad_enabled():
-            passes.append(1)
-        return out
-
-    trainer._get_per_token_logps_and_entropies = counting.__get__(trainer)
+    passes = count_no_grad_logprob_passes(trainer)
     trainer.train()
     assert passes == []  # TRL would recompute π_old for the stale steps; Bypass/ALP use the engine's log-probs
     highs = per_step(trainer, "alp/ratio/token/max")

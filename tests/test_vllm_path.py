@@ -7,7 +7,7 @@ import pytest
 import torch
 import trl.trainer.grpo_trainer as grpo_module
 from engines import StandInVLLM
-from tiny_setup import last_logged
+from tiny_setup import count_no_grad_logprob_passes, last_logged
 
 SHIFT = 1.0  # the engine reports log μ = log π − SHIFT, so the token ratio π/μ is exactly e
 
@@ -25,16 +25,7 @@ def test_vllm_logprobs_are_the_denominator_and_trls_correction_is_off(make_train
         max_steps=1, use_vllm=True, vllm_mode="colocate", correction="token-bypass", learning_rate=0.0
     )
     assert trainer.use_vllm and not trainer.vllm_importance_sampling_correction  # not applied twice
-    old_passes = []
-    original = type(trainer)._get_per_token_logps_and_entropies
-
-    def counting(self, model, *args, **kwargs):
-        out = original(self, model, *args, **kwargs)
-        if out[0] is not None and not torch.is_grad_enabled():
-            old_passes.append(1)
-        return out
-
-    trainer._get_per_token_logps_and_entropies = counting.__get__(trainer)
+    old_passes = count_no_grad_logprob_passes(trainer)
     trainer.train()
     # Unperturbed, no update yet: π equals the sampler, so the ratio is exactly the engine's shift.
     assert last_logged(trainer, "alp/ratio/token/q50") == pytest.approx(math.e, rel=1e-3)

@@ -27,3 +27,21 @@ def last_logged(trainer, key):
     values = [h[key] for h in trainer.state.log_history if key in h]
     assert values, f"{key} was never logged"
     return values[-1]
+
+
+def count_no_grad_logprob_passes(trainer) -> list:
+    """Record, in the returned list, every no-grad log-prob pass of `trainer` that computed something (TRL's old or
+    reference pass; ALP skips the old one by returning None)."""
+    import torch
+
+    passes = []
+    original = type(trainer)._get_per_token_logps_and_entropies
+
+    def counting(self, model, *args, **kwargs):
+        out = original(self, model, *args, **kwargs)
+        if out[0] is not None and not torch.is_grad_enabled():
+            passes.append(1)
+        return out
+
+    trainer._get_per_token_logps_and_entropies = counting.__get__(trainer)
+    return passes
