@@ -245,3 +245,24 @@ def test_cli_tools_split_on_commas_and_bad_tools_fail_in_one_line(tmp_path, caps
     assert "cannot import tool 'trl_alp.cli.data:no_such_tool': module 'trl_alp.cli.data' has no function" in error
     assert main([*argv, "--tools", "calculator"]) == 2
     assert "tool 'calculator': use 'package.module:function'" in capsys.readouterr().err
+
+
+def test_truncated_sampling_replays_the_support_on_every_model_turn(tool_tokenizer, tmp_path):
+    """top_p: every model-generated token of every turn carries its support, tool output none; the rollout log-probs
+    are the replayed clean forward's and the ratio is 1."""
+    vocab = len(tool_tokenizer)
+    trainer = make_tool_trainer(tool_tokenizer, tmp_path, top_p=0.95, alp_support_max_tokens=vocab)
+    trainer.train()
+    assert last_logged(trainer, "tools/call_frequency") == 1.0
+    assert last_logged(trainer, "alp/support/truncated_frac") == 0.0
+    for batch in trainer.seen:
+        valid, counts = batch["completion_mask"].bool(), batch["alp_support_counts"]
+        generated, tool = valid & batch["tool_mask"].bool(), valid & ~batch["tool_mask"].bool()
+        assert tool.any() and (counts[tool] == 0).all() and (counts[generated] > 0).all()
+        with torch.no_grad():
+            replayed, _, _ = trainer._completion_logps(trainer.model, batch)
+        rollout = batch["sampling_per_token_logps"]
+        sampled = generated & torch.isfinite(rollout)  # a scripted token outside top-p has no rollout log-prob
+        assert sampled.sum() > generated.sum() // 2
+        assert (rollout[sampled] - replayed[sampled]).abs().max() < 1e-4
+    assert_ratio_is_one(trainer)

@@ -175,6 +175,37 @@ def test_trainers_built_one_after_another_share_the_process(vllm_trainer):
         trainers[0].train()
 
 
+VOCAB = 366  # the tiny tokenizer's: vLLM returns up to this many log-probs per token, the whole support
+
+
+@pytest.mark.parametrize("truncation", [dict(top_p=0.8), dict(top_k=5), dict(min_p=0.1)], ids=lambda t: next(iter(t)))
+def test_truncated_sampling_is_on_policy_with_the_support_replayed(vllm_trainer, truncation):
+    """vLLM reports log-probs renormalised over the kept tokens: the replay compares the policy on the same support,
+    so an fp32 engine gives ratio 1 again (without it: the kept mass, on every token)."""
+    trainer = vllm_trainer(
+        correction="token-bypass", max_steps=1, learning_rate=1e-6, alp_support_max_tokens=VOCAB, **truncation
+    )
+    assert trainer.vllm_generation.logprobs == min(VOCAB, truncation.get("top_k") or VOCAB)
+    trainer.train()
+    for name in ("min", "max"):
+        assert per_step(trainer, f"alp/ratio/token/{name}")[0] == pytest.approx(1.0, abs=1e-5)
+    assert per_step(trainer, "alp/support/truncated_frac") == [0.0]
+    assert "alp/support/engine_kept_mass" not in trainer.state.log_history[0]  # vLLM reports no raw mass
+    kept = per_step(trainer, "alp/support/policy_kept_mass")[0]
+    assert kept < 0.9 if "min_p" not in truncation else kept <= 1.0
+
+
+def test_without_the_replay_vllms_ratio_is_the_kept_mass(vllm_trainer):
+    trainer = vllm_trainer(
+        correction="token-bypass", max_steps=1, learning_rate=1e-6, top_k=5, alp_replay_support=False
+    )
+    assert trainer.vllm_generation.logprobs == 0  # TRL's own request: the sampled token only
+    trainer.train()
+    # π(y) / μ_S(y) = π(S_t) < 1 on every token: the bias TRL issue #6789 describes
+    assert per_step(trainer, "alp/ratio/token/max")[0] < 0.5
+    assert "alp/support/size" not in trainer.state.log_history[0]
+
+
 def test_kv_cache_is_sized_for_the_batch(tokenizer):
     config = build_tiny_model(tokenizer, hidden_size=HIDDEN).config
     # 2 (K, V) × 2 layers × 2 KV heads × 64 dims × 4 bytes = 2 KiB per token, a quarter more for vLLM's blocks

@@ -14,6 +14,7 @@ from .loss import ROLLOUT_MASK_LEVELS, Clip
 from .perturbation import validate_layer_spec
 from .presets import PRESETS, apply_preset
 from .rollout import ROLLOUT_DTYPES, ROLLOUT_WEIGHT_BITS
+from .support import truncates
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,15 @@ class ALPConfig(GRPOConfig):
         alp_rollout_weight_bits (`int`, *optional*):
             Generate from fake-quantised weights (4 or 8 bits, per-channel round-to-nearest): a reproducible mismatch
             on the generate path (not with `use_vllm`).
+        alp_replay_support (`bool`, *optional*, defaults to `True`):
+            With truncated sampling (`top_k > 0`, `top_p < 1` or `min_p` set): compare every policy log-prob on the
+            support the engine sampled from, ``log π(y) − log π(S_t)``, as the engine's own log-probs are
+            (`trl_alp/support.py`). `False` keeps the full-vocabulary log-probs (the ratio is then off by the kept mass
+            on every token). No effect without truncation or with `correction="grpo"`.
+        alp_support_max_tokens (`int`, *optional*, defaults to `256`):
+            Most ids of S_t kept per token (the most probable, plus the sampled one); a larger support is replayed in
+            part and counted in `alp/support/truncated_frac`. With `use_vllm` it is the number of log-probs vLLM
+            returns per token (`top_k` when that is smaller).
         alp_log_unperturbed_ratio (`bool`, *optional*, defaults to `False`):
             One extra no-grad clean forward per micro-step, its ratio to the rollout logged under `alp/unperturbed/*`.
 
@@ -191,6 +201,15 @@ class ALPConfig(GRPOConfig):
     alp_rollout_weight_bits: int | None = field(
         default=None, metadata={"help": "Generate from fake-quantised 4- or 8-bit weights (generate path only)."}
     )
+    alp_replay_support: bool = field(
+        default=True,
+        metadata={
+            "help": "Under top_k/top_p/min_p: compare log-probs on the sampled support S_t (False: full vocab)."
+        },
+    )
+    alp_support_max_tokens: int = field(
+        default=256, metadata={"help": "Most ids of the support S_t kept per token (vLLM: log-probs returned)."}
+    )
     alp_log_unperturbed_ratio: bool = field(
         default=False,
         metadata={"help": "Also log the clean policy's ratio under alp/unperturbed/* (one extra no-grad forward)."},
@@ -264,6 +283,10 @@ class ALPConfig(GRPOConfig):
                 f"got {self.alp_rollout_weight_bits!r}"
             )
         self._check_rollout_mask_and_kl_clamp()
+        if isinstance(self.alp_support_max_tokens, bool) or not isinstance(self.alp_support_max_tokens, int):
+            raise ValueError(f"alp_support_max_tokens must be an integer >= 1, got {self.alp_support_max_tokens!r}")
+        if self.alp_support_max_tokens < 1:
+            raise ValueError(f"alp_support_max_tokens must be an integer >= 1, got {self.alp_support_max_tokens!r}")
         if self.use_vllm and self.alp_rollout_weight_bits:
             raise ValueError(
                 "alp_rollout_weight_bits emulates a quantised inference engine; with use_vllm=True vLLM is the "
@@ -272,6 +295,41 @@ class ALPConfig(GRPOConfig):
         self._check_trl_options()
         super().__post_init__()
         warn_unused_fields(self)
+        self._check_support_replay()
+
+    @property
+    def replays_support(self) -> bool:
+        """Whether the trainer replays the sampling support (truncated sampling, ALP/Bypass/TIS/MIS, replay on)."""
+        return (
+            self.alp_replay_support
+            and self.parsed_correction.family != "grpo"
+            and truncates(self.top_k, self.top_p, self.min_p)
+        )
+
+    def _check_support_replay(self) -> None:
+        if not truncates(self.top_k, self.top_p, self.min_p):
+            if self.alp_support_max_tokens != 256 or not self.alp_replay_support:
+                logger.warning(
+                    "alp_replay_support / alp_support_max_tokens have no effect: sampling is not truncated "
+                    "(top_k=0, top_p=1, min_p=None)."
+                )
+            return
+        if self.parsed_correction.family == "grpo":
+            logger.warning(
+                "correction='grpo' keeps TRL's loss: under top_k/top_p/min_p its vLLM importance-sampling weight "
+                "compares full-vocabulary log-probs with the engine's truncated ones (biased by the kept mass, TRL "
+                "issue #6789). token-tis/seq-tis/token-mis/seq-mis replay the sampling support."
+            )
+        elif not self.alp_replay_support:
+            logger.warning(
+                "alp_replay_support=False with top_k/top_p/min_p: the ratio compares full-vocabulary log-probs with "
+                "the engine's truncated ones, off by the kept mass on every token."
+            )
+        elif unreplayed := [k for k in UNREPLAYED_WARPERS if (self.generation_kwargs or {}).get(k) is not None]:
+            raise ValueError(
+                f"generation_kwargs {unreplayed} truncate sampling in a way alp_replay_support does not reproduce "
+                "(it replays top_k, top_p and min_p): remove them, or set alp_replay_support=False."
+            )
 
     def _check_trl_options(self) -> None:
         """Reject TRL options the chosen correction cannot honour."""
@@ -413,7 +471,10 @@ _FIELD_SCOPES = (
     ),
     (lambda c: c.family == "grpo", ("vllm_importance_sampling_mode",)),
     (lambda c: not c.uses_alp_clip, ("epsilon", "epsilon_high")),
+    (lambda c: c.family != "grpo", ("alp_replay_support", "alp_support_max_tokens")),
 )
+# generate's other truncation warpers: the support replay does not reproduce them
+UNREPLAYED_WARPERS = ("typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")
 
 
 def warn_unused_fields(args: ALPConfig) -> None:

@@ -9,8 +9,9 @@ Which distribution is recorded. ``generate`` runs custom logits processors after
 penalty, suppressed tokens, ...) and before the sampling warpers (temperature, top-k, top-p, min-p). The recorder
 applies the temperature itself, so it records ``log softmax(logits / T)`` of the model that sampled: the same form
 as TRL's training log-probs (also ``logits / T``, no truncation), which keeps the ratio consistent. With top-k,
-top-p or min-p the tokens were really sampled from the truncated, renormalised distribution; the recorded value
-ignores that renormalisation (the trainer warns once).
+top-p or min-p the tokens were really sampled from the truncated, renormalised distribution: given the truncation
+settings, the recorder applies transformers' own warpers to its copy and records ``log μ_S(y)`` and the kept support
+S_t (`trl_alp.support`), which the trainer replays on the training side.
 
 Induced mismatch. A vLLM engine differs from the trainer by kernels and precision. Without one, rollouts can be made to
 differ the same
@@ -28,51 +29,87 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from .support import kept_support
+
 # autocast dtype of each alp_rollout_dtype on the generate path ("float32": none, the model's own precision)
 ROLLOUT_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ROLLOUT_WEIGHT_BITS = (4, 8)
 
 
 class SampledLogprobRecorder(LogitsProcessor):
-    """Logits processor that records ``log softmax(scores / temperature)`` of each sampled token."""
+    """Logits processor that records ``log softmax(scores / temperature)`` of each sampled token.
 
-    def __init__(self, temperature: float = 1.0):
+    With `warpers` (the truncation of top-k/top-p/min-p) it records the log-prob under the truncated, renormalised
+    distribution instead, and the support of every step (`support.kept_support`, at most `max_support` ids).
+    """
+
+    def __init__(self, temperature: float = 1.0, warpers: LogitsProcessorList | None = None, max_support: int = 0):
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         self.temperature = temperature
+        self.warpers = warpers if warpers else None
+        self.max_support = max_support
         self.reset()
 
     def reset(self) -> None:
         self._pending: torch.Tensor | None = None
+        self._pending_support: tuple[torch.Tensor, ...] | None = None
         self._steps: list[torch.Tensor] = []
+        self._support_steps: list[tuple[torch.Tensor, ...]] = []
         self.results: list[torch.Tensor] = []  # one (batch, new_tokens) tensor per finished `generate` call
+        # per call, with warpers: (ids (batch, new_tokens, max_support + 1), -1 padded; size; log kept mass)
+        self.supports: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def _close_step(self, sampled: torch.Tensor) -> None:
+        self._steps.append(self._pending.gather(-1, sampled).squeeze(-1))
+        if self._pending_support is not None:
+            ids, log_mass, size = self._pending_support
+            missing = ~(ids == sampled).any(-1, keepdim=True)  # a truncated support may not hold the sampled token
+            ids = torch.cat([ids, torch.where(missing, sampled, -1)], dim=-1)
+            self._support_steps.append((ids, size, log_mass))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self._pending is not None:  # the last column of input_ids is the token sampled from `_pending`
-            self._steps.append(self._pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
+            self._close_step(input_ids[:, -1:])
         scaled = scores.float() if self.temperature == 1.0 else scores.float() / self.temperature
-        # one fused log_softmax kernel: on CPU it beats a logsumexp-only variant (a composite of four kernels)
-        self._pending = torch.log_softmax(scaled, dim=-1)
+        if self.warpers is None:
+            # one fused log_softmax kernel: on CPU it beats a logsumexp-only variant (a composite of four kernels)
+            self._pending = torch.log_softmax(scaled, dim=-1)
+        else:
+            self._pending, log_mass, ids, size = kept_support(scaled, self.warpers, self.max_support)
+            self._pending_support = (ids, log_mass, size)
         return scores
 
     def finish(self, sequences: torch.LongTensor) -> torch.Tensor:
         """Close one ``generate`` call: gather the final token and return ``(batch, new_tokens)`` log-probs."""
         if self._pending is not None:
-            self._steps.append(self._pending.gather(-1, sequences[:, -1:]).squeeze(-1))
+            self._close_step(sequences[:, -1:])
         logps = torch.stack(self._steps, dim=1) if self._steps else sequences.new_zeros((sequences.size(0), 0)).float()
-        self._pending, self._steps = None, []
+        if self.warpers is not None:
+            if self._support_steps:
+                self.supports.append(
+                    tuple(torch.stack(parts, dim=1) for parts in zip(*self._support_steps, strict=True))
+                )
+            else:
+                rows = sequences.size(0)
+                empty = sequences.new_zeros((rows, 0))
+                self.supports.append((sequences.new_full((rows, 0, 1), -1), empty, empty.float()))
+        self._pending, self._pending_support, self._steps, self._support_steps = None, None, [], []
         self.results.append(logps)
         return logps
 
 
 @contextlib.contextmanager
-def record_generate_logprobs(model: nn.Module, temperature: float = 1.0) -> Iterator[SampledLogprobRecorder]:
-    """Within the context, every ``model.generate(...)`` call also records the sampled tokens' log-probs.
+def record_generate_logprobs(
+    model: nn.Module, temperature: float = 1.0, warpers: LogitsProcessorList | None = None, max_support: int = 0
+) -> Iterator[SampledLogprobRecorder]:
+    """Within the context, every ``model.generate(...)`` call also records the sampled tokens' log-probs (and, with
+    `warpers`, their supports: see `SampledLogprobRecorder`).
 
     ``recorder.results[i]`` holds the ``(batch, new_tokens)`` log-probs of the i-th call, aligned with the generated
     tokens (``sequences[:, prompt_length:]``).
     """
-    recorder = SampledLogprobRecorder(temperature)
+    recorder = SampledLogprobRecorder(temperature, warpers, max_support)
     original = model.generate
     had_own = "generate" in vars(model)
 

@@ -32,6 +32,7 @@ from .loss import (
 from .metrics import mismatch_stats, quantile_stats, weight_diagnostics
 from .perturbation import LayerPerturbation, find_decoder_layers, is_logits_only, parse_layer_spec, unwrap_model
 from .rollout import record_generate_logprobs, rollout_engine
+from .support import SupportedLogp, pack_supports, replay_forward, support_stats, support_warpers
 from .vllm_engine import alp_engine
 
 logger = logging.getLogger(__name__)
@@ -278,7 +279,16 @@ class ALPGRPOTrainer(GRPOTrainer):
         self.correction = args.parsed_correction
         logger.info("correction=%r: %s", self.correction.name, self.correction.description)
 
-        with alp_engine(args.alp_rollout_dtype if args.use_vllm else None):
+        # Sampling-support replay (top_k/top_p/min_p): the rollout rows' supports while a generation batch is
+        # scored (TRL's old and reference passes), then the batch's own table (`_completion_logps`).
+        self._alp_rollout_rows: list[list[float]] | None = None
+        self._alp_support: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._alp_support_full_logps: torch.Tensor | None = None
+        support_tokens, support_bound = 0, None
+        if args.replays_support and args.use_vllm:  # vLLM returns the support as its top-N processed log-probs
+            support_bound = args.top_k if (args.top_k or 0) > 0 else None
+            support_tokens = min(args.alp_support_max_tokens, support_bound or args.alp_support_max_tokens)
+        with alp_engine(args.alp_rollout_dtype if args.use_vllm else None, support_tokens, support_bound):
             super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
 
         self.alp_perturbation = self._build_perturbation(args).to(self.accelerator.device)
@@ -293,12 +303,6 @@ class ALPGRPOTrainer(GRPOTrainer):
                 self.correction.name,
             )
             self.vllm_importance_sampling_correction = False
-        if self.top_p < 1.0 or (self.top_k or 0) > 0 or self.min_p is not None:
-            logger.warning(
-                "top_p/top_k/min_p truncate the sampling distribution; the rollout log-probs of the ratio are "
-                "those of the untruncated temperature-scaled distribution (the same form as the numerator), so the "
-                "ratio ignores the truncation."
-            )
         self.alp_calibration: dict | None = None  # σ₀ calibration (alp_init_sigma="auto"), saved in alp_state.json
         self._alp_sigma_restored = False  # σ came from a checkpoint: never recalibrate
         self.alp_sigma_optimizer: torch.optim.Optimizer | None = None  # σ's own, when the engine owns the optimizer
@@ -475,12 +479,42 @@ class ALPGRPOTrainer(GRPOTrainer):
             )
         target = self.accelerator.unwrap_model(self.model_wrapped)
         engine = rollout_engine(target, self.args.alp_rollout_dtype, self.args.alp_rollout_weight_bits)
-        with engine, record_generate_logprobs(target, self.temperature) as recorder:
+        warpers = support_warpers(self.top_k, self.top_p, self.min_p) if self.args.replays_support else None
+        recording = record_generate_logprobs(target, self.temperature, warpers, self.args.alp_support_max_tokens)
+        with engine, recording as recorder:
             completion_ids, _ = super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
         logps = recorder.results[-1].cpu()
-        return completion_ids, [row[: len(ids)].tolist() for row, ids in zip(logps, completion_ids, strict=True)]
+        rows = [row[: len(ids)].tolist() for row, ids in zip(logps, completion_ids, strict=True)]
+        if warpers is None:
+            return completion_ids, rows
+        support_ids, sizes, log_masses = (t.cpu().tolist() for t in recorder.supports[-1])
+        cap = self.args.alp_support_max_tokens
+        return completion_ids, [
+            [
+                SupportedLogp(value, tuple(i for i in kept if i >= 0), size > cap, log_mass)
+                for value, kept, size, log_mass in zip(row, row_ids, row_sizes, row_masses)
+            ]
+            for row, row_ids, row_sizes, row_masses in zip(rows, support_ids, sizes, log_masses, strict=True)
+        ]
+
+    def _generate(self, prompts):
+        output = super()._generate(prompts)
+        if self.args.replays_support:  # the rollout rows, with their supports, for the passes that score them
+            self._alp_rollout_rows = output[4]
+            self._log_support_stats(output[4])
+        return output
+
+    def _log_support_stats(self, rows) -> None:
+        stats = support_stats(rows or [])
+        names = ("size", "truncated_frac", "engine_kept_mass")
+        local = torch.tensor([stats.get(name, math.nan) for name in names], device=self.accelerator.device)
+        values = self.accelerator.gather(local[None]).nanmean(0).tolist()
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        for name, value in zip(names, values, strict=True):
+            if not math.isnan(value):
+                metrics[f"alp/support/{name}"].append(value)
 
     def _generate_and_score_completions(self, inputs):
         # ALP and Bypass use the rollout log-probs as denominator, so TRL's no-grad "old" pass is not needed. TRL runs
@@ -488,9 +522,15 @@ class ALPGRPOTrainer(GRPOTrainer):
         # for these corrections). The rollout mask is computed on π_old/μ: then the old pass stays.
         self._alp_skip_old_pass = not self.correction.uses_old_logps and self.args.alp_rollout_mask is None
         try:
-            return super()._generate_and_score_completions(inputs)
+            output = super()._generate_and_score_completions(inputs)
+            if self._alp_rollout_rows is not None:  # rows travel with the batch through TRL's shuffles and splits
+                ids, counts = pack_supports(self._alp_rollout_rows, output["completion_ids"].size(1))
+                output["alp_support_ids"] = ids.to(self.accelerator.device)
+                output["alp_support_counts"] = counts.to(self.accelerator.device)
+            return output
         finally:
             self._alp_skip_old_pass = False
+            self._alp_rollout_rows = None
 
     def _is_old_pass(self, model) -> bool:
         """Whether a log-prob pass is TRL's old one: no grad, the policy model itself, and not the reference (a model
@@ -504,23 +544,47 @@ class ALPGRPOTrainer(GRPOTrainer):
         if self._alp_skip_old_pass and self._is_old_pass(model):
             self._alp_skip_old_pass = False  # one old pass per generation; TRL stores None = "not computed"
             return None, None, None
-        out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        support = self._alp_support
+        if support is None and self._alp_rollout_rows is not None:  # TRL's old / reference pass of this batch
+            logits_to_keep = kwargs.get("logits_to_keep", args[2] if len(args) > 2 else None)
+            support = pack_supports(self._alp_rollout_rows, logits_to_keep)
+        if support is None:
+            out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        else:
+            out = self._replayed_logps_and_entropies(model, support, *args, **kwargs)
         if self._alp_capture_loss_logps:  # TRL's loss forward: kept for the diagnostics of correction="grpo"
             self._alp_loss_logps = out[0]
         return out
+
+    def _replayed_logps_and_entropies(self, model, support, input_ids, attention_mask, logits_to_keep, *args, **kw):
+        """TRL's pass, with each completion token's log-prob replayed on its sampling support (`trl_alp.support`);
+        tokens without a support (tool output, padding) keep TRL's value. Entropies stay over the whole vocabulary."""
+        ids, counts = support
+        with replay_forward(unwrap_model(model), input_ids, logits_to_keep, ids, counts, self.temperature) as replayed:
+            logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kw
+            )
+        counts = counts.to(logps.device)
+        self._alp_support_full_logps = logps.detach()
+        return torch.where(counts > 0, torch.cat(replayed).to(logps.dtype), logps), entropies, aux_loss
 
     # ------------------------------------------------------------------------------------------------- loss
     def _completion_logps(self, model, inputs, **kwargs):
         """Per-token log-probs (and optionally entropies / aux loss) of a batch's completion tokens."""
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
-        return self._get_per_token_logps_and_entropies(
-            model,
-            torch.cat([prompt_ids, completion_ids], dim=1),
-            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
-            completion_ids.size(1),
-            **kwargs,
-            **{key: inputs.get(key) for key in _FORWARD_KEYS},
-        )
+        if "alp_support_ids" in inputs:
+            self._alp_support = (inputs["alp_support_ids"], inputs["alp_support_counts"])
+        try:
+            return self._get_per_token_logps_and_entropies(
+                model,
+                torch.cat([prompt_ids, completion_ids], dim=1),
+                torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+                completion_ids.size(1),
+                **kwargs,
+                **{key: inputs.get(key) for key in _FORWARD_KEYS},
+            )
+        finally:
+            self._alp_support = None
 
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
@@ -550,6 +614,11 @@ class ALPGRPOTrainer(GRPOTrainer):
         mask, per_token_logps, rollout_logps, entropies = self._drop_nonfinite(
             mode, mask, per_token_logps, rollout_logps, entropies
         )
+        if "alp_support_counts" in inputs:  # π(S_t) of the policy being trained: what the replay divides out
+            kept = torch.exp(self._alp_support_full_logps - per_token_logps.detach())
+            self._metrics[mode]["alp/support/policy_kept_mass"].append(
+                self._global_masked_mean(kept, mask * (inputs["alp_support_counts"] > 0))
+            )
         advantages = inputs["advantages"]
         advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
         args, correction, level = self.args, self.correction, self.args.ratio_level

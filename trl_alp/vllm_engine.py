@@ -11,6 +11,10 @@ things, each narrowly:
   KV cache is sized for the batch (``kv_cache_memory_bytes``, unless ``VLLM_CPU_KVCACHE_SPACE`` is set) instead of a
   fraction of the node's memory minus the process's RSS, which fails as soon as a process holds a second engine's
   worth of memory. GPU runs keep TRL's code.
+* **sampling support** (top-k/top-p/min-p, ``alp_replay_support``): vLLM's ``sampling_mask`` needs its GPU model
+  runner, so the support is read from the engine's top-N ``processed_logprobs`` instead, which are ``-inf`` outside
+  the kept set: the finite ones are S_t, complete when fewer than N are finite (or N is ``top_k``). Each sampled
+  token's log-prob comes back as a `SupportedLogp` carrying its support.
 * **release**: `release` shuts the engine down and frees it; a new ALP engine releases any earlier one in the
   process first (an engine is only usable by the trainer that built it, and two cannot share a CPU's memory).
 """
@@ -21,6 +25,7 @@ import contextlib
 import functools
 import gc
 import logging
+import math
 import os
 import weakref
 from collections.abc import Iterator
@@ -28,6 +33,8 @@ from collections.abc import Iterator
 import torch
 from trl.generation import vllm_generation
 from trl.generation.vllm_generation import VLLMGeneration
+
+from .support import SupportedLogp
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +71,23 @@ class ALPVLLMGeneration(VLLMGeneration):
 
     Args:
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, or ``None`` for vLLM's ``"auto"``.
+        support_tokens: log-probs per token to read the sampling support from (0: only the sampled token's).
+        support_bound: the most tokens a support can hold (``top_k``), or ``None``: the vocabulary (top-p/min-p).
         *args, **kwargs: TRL's `VLLMGeneration` arguments.
     """
 
-    def __init__(self, *args, dtype: str | None = None, **kwargs):
+    def __init__(
+        self, *args, dtype: str | None = None, support_tokens: int = 0, support_bound: int | None = None, **kwargs
+    ):
         if dtype not in (None, *VLLM_DTYPES):
             raise ValueError(f"alp_rollout_dtype must be one of {list(VLLM_DTYPES)} or None, got {dtype!r}")
         self.dtype = dtype
+        self.support_tokens, self.support_bound = support_tokens, support_bound
         super().__init__(*args, **kwargs)
+        if support_tokens:  # TRL's request becomes the sampled token's log-prob plus the top N
+            vocab = self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size
+            self.support_bound = min(support_bound or vocab, vocab)  # no support outgrows the vocabulary
+            self.support_tokens = self.logprobs = min(support_tokens, self.support_bound)
 
     @property
     def on_cpu(self) -> bool:
@@ -89,6 +105,8 @@ class ALPVLLMGeneration(VLLMGeneration):
         for engine in list(_live_engines):  # one engine per process: a finished trainer's engine goes first
             engine.release()
         extra = {"dtype": self.dtype or "auto"}
+        if self.support_tokens:
+            extra["max_logprobs"] = max(self.support_tokens, 20)  # vLLM refuses requests above it (default 20)
         if self.on_cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:  # the user's own size wins
             max_len = self.max_model_length or self.model.config.max_position_embeddings
             dtype = getattr(torch, self.dtype) if self.dtype else self.model.config.dtype or torch.float32
@@ -115,7 +133,26 @@ class ALPVLLMGeneration(VLLMGeneration):
 
     def generate(self, *args, **kwargs):
         self._check_live()
-        return super().generate(*args, **kwargs)
+        prompt_ids, completion_ids, logprobs, token_ids = super().generate(*args, **kwargs)
+        if self.support_tokens and logprobs is not None:
+            logprobs = [
+                [self._supported(step, ids, token) for step, ids, token in zip(seq, seq_ids, tokens, strict=True)]
+                for seq, seq_ids, tokens in zip(logprobs, token_ids, completion_ids, strict=True)
+            ]
+        return prompt_ids, completion_ids, logprobs, token_ids
+
+    def _supported(self, values: list[float | None], ids: list[int], token: int) -> list[float | None]:
+        """One token's top-N entries → ``[sampled log-prob with its support]`` (TRL keeps entry 0)."""
+        sampled = values[ids.index(token)]
+        if sampled is None:  # vLLM could not score it (NaN): TRL's NaN handling takes over
+            return [None]
+        support = tuple(i for i, v in zip(ids, values, strict=True) if v is not None and v > -math.inf)
+        # entries are sorted by rank: the first N are the top N (a lower-ranked sampled token comes last); a -inf
+        # among them means the whole support is in view, and a support bounded by top_k <= N always is
+        top = values[: self.support_tokens]
+        complete = any(v is None or v == -math.inf for v in top) or len(top) < self.support_tokens
+        bounded = self.support_bound is not None and self.support_tokens >= self.support_bound
+        return [SupportedLogp(sampled, support, truncated=not (complete or bounded))]
 
     def sync_weights(self):
         self._check_live()
@@ -153,7 +190,7 @@ def _llm_kwargs(**extra) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def alp_engine(dtype: str | None) -> Iterator[None]:
+def alp_engine(dtype: str | None, support_tokens: int = 0, support_bound: int | None = None) -> Iterator[None]:
     """Within the context, `GRPOTrainer` builds an `ALPVLLMGeneration` where it would build TRL's `VLLMGeneration`.
 
     Anything else found there (a test's stand-in engine) is left as it is.
@@ -162,7 +199,9 @@ def alp_engine(dtype: str | None) -> Iterator[None]:
 
     original = grpo_trainer.VLLMGeneration
     if original is VLLMGeneration:
-        grpo_trainer.VLLMGeneration = functools.partial(ALPVLLMGeneration, dtype=dtype)
+        grpo_trainer.VLLMGeneration = functools.partial(
+            ALPVLLMGeneration, dtype=dtype, support_tokens=support_tokens, support_bound=support_bound
+        )
     try:
         yield
     finally:

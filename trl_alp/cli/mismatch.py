@@ -169,27 +169,33 @@ def sample_generate(model, engine: dict, prompts: list[list[int]], args: Mismatc
 
     A plain sampling loop over the KV cache rather than ``generate``: generate stops at EOS (or, told not to, masks
     EOS out of the distribution, which would bias the recorded log-probs); here every completion has `max_tokens`
-    tokens drawn from the engine's full temperature-1 distribution, as vLLM's ``ignore_eos`` does.
+    tokens drawn from the engine's full temperature-1 distribution, as vLLM's ``ignore_eos`` does. All prompts run
+    as one left-padded batch (explicit positions, so padding changes no row's values).
     """
     import torch
 
     from ..rollout import rollout_engine
 
     generator = torch.Generator().manual_seed(args.seed)
-    completions, logps = [], []
+    width = max(len(p) for p in prompts)
+    pad = 0
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    past, tokens, values = None, [], []
     with torch.no_grad(), rollout_engine(model, engine.get("dtype"), engine.get("weight_bits")):
-        for prompt in prompts:
-            ids, past, tokens, values = torch.tensor([prompt]), None, [], []
-            for _ in range(args.max_tokens):
-                out = model(input_ids=ids, past_key_values=past, use_cache=True)
-                logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-                token = int(torch.multinomial(logp.exp(), 1, generator=generator))
-                tokens.append(token)
-                values.append(logp[token].double())
-                ids, past = torch.tensor([[token]]), out.past_key_values
-            completions.append(tokens)
-            logps.append(torch.stack(values))
-    return completions, torch.stack(logps)
+        for _ in range(args.max_tokens):
+            out = model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True
+            )
+            logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+            token = torch.multinomial(logp.exp(), 1, generator=generator)
+            tokens.append(token[:, 0])
+            values.append(logp.gather(-1, token)[:, 0].double())
+            ids, past = token, out.past_key_values
+            mask = torch.cat([mask, mask.new_ones((mask.size(0), 1))], dim=1)
+            positions = positions[:, -1:] + 1
+    return torch.stack(tokens, dim=1).tolist(), torch.stack(values, dim=1)
 
 
 def training_logps(model, prompts: list[list[int]], completions: list[list[int]]):
