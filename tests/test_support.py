@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import math
 import pickle
-import types
 
 import pytest
 import torch
@@ -19,10 +18,10 @@ from trl_alp.support import (
     kept_support,
     pack_supports,
     replayed_log_probs,
+    support_from_top_logprobs,
     support_stats,
     support_warpers,
 )
-from trl_alp.vllm_engine import ALPVLLMGeneration
 
 VOCAB = 366  # the tiny tokenizer's: a support cap this large never truncates
 TOL = 1e-5
@@ -149,9 +148,8 @@ def test_support_stats():
     assert support_stats([[0.0, -1.0]]) == {}
 
 
-def supported(tokens, bound=None):
-    engine = types.SimpleNamespace(support_tokens=tokens, support_bound=bound)
-    return lambda values, ids, token: ALPVLLMGeneration._supported(engine, values, ids, token)[0]
+def supported(tokens, bound=1000):
+    return lambda values, ids, token: support_from_top_logprobs(values, ids, token, tokens, bound)
 
 
 def test_vllm_top_n_entries_become_the_support():

@@ -79,6 +79,25 @@ def kept_support(scaled: torch.Tensor, warpers: LogitsProcessorList, max_tokens:
     return log_probs, log_mass, ids.masked_fill(~torch.isfinite(values), -1), kept.sum(-1)
 
 
+def support_from_top_logprobs(
+    values: list[float | None], ids: list[int], token: int, top_n: int, bound: int
+) -> SupportedLogp | None:
+    """The sampled token's log-prob and support from an engine's top-N processed log-probs (vLLM's format).
+
+    `values`/`ids` are sorted by rank, the sampled token included (last when it ranks below the top N); tokens outside
+    S_t have ``-inf``. The support is complete when a ``-inf`` shows among the top N, or when N reaches `bound` (the
+    most a support can hold: ``top_k`` or the vocabulary); otherwise it is marked truncated. ``None`` (vLLM's NaN)
+    stays ``None``.
+    """
+    sampled = values[ids.index(token)]
+    if sampled is None:
+        return None
+    support = tuple(i for i, v in zip(ids, values, strict=True) if v is not None and v > -math.inf)
+    top = values[:top_n]
+    complete = any(v is None or v == -math.inf for v in top) or len(top) < top_n or top_n >= bound
+    return SupportedLogp(sampled, support, truncated=not complete)
+
+
 def support_stats(rows: list[list[float]]) -> dict[str, float]:
     """Mean support size, truncated fraction and (where the engine reports it) mean kept mass μ(S_t) of a batch."""
     values = [v for row in rows for v in row if isinstance(v, SupportedLogp)]

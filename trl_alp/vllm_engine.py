@@ -25,7 +25,6 @@ import contextlib
 import functools
 import gc
 import logging
-import math
 import os
 import weakref
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ import torch
 from trl.generation import vllm_generation
 from trl.generation.vllm_generation import VLLMGeneration
 
-from .support import SupportedLogp
+from .support import support_from_top_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -143,16 +142,7 @@ class ALPVLLMGeneration(VLLMGeneration):
 
     def _supported(self, values: list[float | None], ids: list[int], token: int) -> list[float | None]:
         """One token's top-N entries → ``[sampled log-prob with its support]`` (TRL keeps entry 0)."""
-        sampled = values[ids.index(token)]
-        if sampled is None:  # vLLM could not score it (NaN): TRL's NaN handling takes over
-            return [None]
-        support = tuple(i for i, v in zip(ids, values, strict=True) if v is not None and v > -math.inf)
-        # entries are sorted by rank: the first N are the top N (a lower-ranked sampled token comes last); a -inf
-        # among them means the whole support is in view, and a support bounded by top_k <= N always is
-        top = values[: self.support_tokens]
-        complete = any(v is None or v == -math.inf for v in top) or len(top) < self.support_tokens
-        bounded = self.support_bound is not None and self.support_tokens >= self.support_bound
-        return [SupportedLogp(sampled, support, truncated=not (complete or bounded))]
+        return [support_from_top_logprobs(values, ids, token, self.support_tokens, self.support_bound)]
 
     def sync_weights(self):
         self._check_live()

@@ -9,15 +9,23 @@ completions at each prefix length: the quantity whose tails the sequence-level r
 Engines: ``vllm-fp32``, ``vllm-bf16``, ``vllm-fp16`` (real vLLM, in-process; vLLM's CPU build on a CPU) and the
 emulated engines of the ``generate`` path: ``autocast-bf16``, ``autocast-fp16`` (generate under autocast) and
 ``4bit``, ``8bit`` (fake-quantised weights). An engine that cannot run here is reported with its error.
+
+With ``--top_p`` / ``--top_k`` / ``--min_p`` the engines sample from the truncated distribution and report ``log μ_S``
+with the support S_t (`trl_alp.support`); the report then adds the ratio π/μ before the support replay (what the
+trainer compared without it: on vLLM the full-vocabulary π against vLLM's renormalised μ_S, on the generate path
+the full π against the full μ) and after it (π_S/μ_S), token and sequence quantiles.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
+
+from ..support import SupportedLogp, kept_support, support_from_top_logprobs, support_stats, support_warpers, truncates
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +38,7 @@ EMULATED_ENGINES = {
 }
 ENGINES = (*VLLM_ENGINES, *EMULATED_ENGINES)
 TOKEN_QUANTILES = (0.5, 0.9, 0.99)
+RATIO_QUANTILES = (0.01, 0.5, 0.99)
 
 
 @dataclass
@@ -53,6 +62,12 @@ class MismatchArguments:
         default="16,32,64,128,256", metadata={"help": "Prefix lengths at which the sequence log-ratio is measured."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the prompts and of the sampling."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1: off)."})
+    top_k: int = field(default=0, metadata={"help": "Sample from the k most probable tokens (0: off)."})
+    min_p: float | None = field(default=None, metadata={"help": "Min-p truncation (None: off)."})
+    support_max_tokens: int = field(
+        default=256, metadata={"help": "Most ids of the support S_t kept per token (as alp_support_max_tokens)."}
+    )
     output_dir: str = field(default="runs/mismatch", metadata={"help": "Report folder (results.md/.json, PNG)."})
 
     def __post_init__(self):
@@ -66,6 +81,11 @@ class MismatchArguments:
             raise ValueError(f"--lengths must be comma-separated integers, got {self.lengths!r}") from error
         if not self.length_list or self.length_list[0] < 1 or self.length_list[-1] > self.max_tokens:
             raise ValueError(f"--lengths must lie in [1, --max_tokens={self.max_tokens}], got {self.lengths!r}")
+        if not 0 < self.top_p <= 1 or self.top_k < 0 or (self.min_p is not None and not 0 <= self.min_p <= 1):
+            raise ValueError(
+                f"--top_p must be in (0, 1], --top_k >= 0, --min_p in [0, 1]; got {self.top_p}, {self.top_k}, "
+                f"{self.min_p}"
+            )
         if self.num_prompts < 2:
             raise ValueError(f"--num_prompts must be >= 2 (a spread needs two sequences), got {self.num_prompts}")
 
@@ -148,20 +168,41 @@ def sample_vllm(folder: str, dtype: str, prompts: list[list[int]], args: Mismatc
         max_model_len=max_len,
         enforce_eager=True,
         logprobs_mode="processed_logprobs",
+        max_logprobs=max(args.support_max_tokens, 20),
         kv_cache_memory_bytes=kv_cache_bytes(config, getattr(torch, dtype), len(prompts), max_len, max_len),
     )
+    truncated = truncates(args.top_k, args.top_p, args.min_p)
+    vocab = config.get_text_config().vocab_size
+    bound = min(args.top_k or vocab, vocab)
+    top_n = min(args.support_max_tokens, bound) if truncated else 0
     try:
-        params = SamplingParams(temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True, logprobs=0)
+        params = SamplingParams(
+            temperature=1.0,
+            top_p=args.top_p,
+            top_k=args.top_k or -1,
+            min_p=args.min_p or 0.0,
+            max_tokens=args.max_tokens,
+            ignore_eos=True,
+            logprobs=top_n,
+        )
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
-    completions, logps = [], []
+    completions, rows = [], []
     for output in outputs:
         sample = output.outputs[0]
         completions.append(list(sample.token_ids))
-        logps.append([step[token].logprob for token, step in zip(sample.token_ids, sample.logprobs, strict=True)])
-    return completions, torch.tensor(logps, dtype=torch.float64)
+        row = []
+        for token, step in zip(sample.token_ids, sample.logprobs, strict=True):
+            if not truncated:
+                row.append(float(step[token].logprob))
+                continue
+            ranked = sorted(step.items(), key=lambda item: item[1].rank)
+            values = [None if math.isnan(lp.logprob) else lp.logprob for _, lp in ranked]
+            row.append(support_from_top_logprobs(values, [i for i, _ in ranked], token, top_n, bound))
+        rows.append(row)
+    return completions, rows
 
 
 def sample_generate(model, engine: dict, prompts: list[list[int]], args: MismatchArguments):
@@ -177,38 +218,65 @@ def sample_generate(model, engine: dict, prompts: list[list[int]], args: Mismatc
     from ..rollout import rollout_engine
 
     generator = torch.Generator().manual_seed(args.seed)
+    truncated = truncates(args.top_k, args.top_p, args.min_p)
+    warpers = support_warpers(args.top_k, args.top_p, args.min_p) if truncated else None
     width = max(len(p) for p in prompts)
     pad = 0
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    past, tokens, values = None, [], []
+    past, tokens, rows = None, [], [[] for _ in prompts]
     with torch.no_grad(), rollout_engine(model, engine.get("dtype"), engine.get("weight_bits")):
         for _ in range(args.max_tokens):
             out = model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True
             )
-            logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+            scores = out.logits[:, -1].float()
+            if warpers is None:
+                logp = torch.log_softmax(scores, dim=-1)
+            else:
+                logp, log_mass, kept, size = kept_support(scores, warpers, args.support_max_tokens)
             token = torch.multinomial(logp.exp(), 1, generator=generator)
             tokens.append(token[:, 0])
-            values.append(logp.gather(-1, token)[:, 0].double())
+            values = logp.gather(-1, token)[:, 0].tolist()
+            if warpers is None:
+                for row, value in zip(rows, values, strict=True):
+                    row.append(value)
+            else:  # log μ_S(y) with its support and log μ(S_t)
+                for b, row in enumerate(rows):
+                    y = int(token[b, 0])
+                    support = tuple(i for i in kept[b].tolist() if i >= 0)
+                    support += () if y in support else (y,)
+                    row.append(SupportedLogp(values[b], support, int(size[b]) > len(support), float(log_mass[b])))
             ids, past = token, out.past_key_values
             mask = torch.cat([mask, mask.new_ones((mask.size(0), 1))], dim=1)
             positions = positions[:, -1:] + 1
-    return torch.stack(tokens, dim=1).tolist(), torch.stack(values, dim=1)
+    return torch.stack(tokens, dim=1).tolist(), rows
 
 
-def training_logps(model, prompts: list[list[int]], completions: list[list[int]]):
-    """fp32 training-forward log-probs of each completion's tokens (no noise, no padding)."""
+def training_logps(model, prompts: list[list[int]], completions: list[list[int]], supports=None):
+    """fp32 training-forward log-probs of each completion's tokens (no noise, no padding): ``(full, replayed)``,
+    replayed over each token's support when `supports` (rows of `SupportedLogp`) is given, else ``None``."""
     import torch
 
-    rows = []
+    full, replayed = [], []
     with torch.no_grad():
-        for prompt, completion in zip(prompts, completions, strict=True):
+        for b, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
             ids = torch.tensor([prompt + completion])
             logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
-            rows.append(torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(completion)[:, None])[:, 0])
-    return torch.stack(rows).double()
+            full.append(torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(completion)[:, None])[:, 0])
+            if supports is not None:
+                replayed.append(
+                    torch.stack(
+                        [
+                            logits[t, y] - torch.logsumexp(logits[t, list(value.support)], 0)
+                            if isinstance(value, SupportedLogp)
+                            else torch.tensor(math.nan)
+                            for t, (y, value) in enumerate(zip(completion, supports[b], strict=True))
+                        ]
+                    )
+                )
+    return torch.stack(full).double(), (torch.stack(replayed).double() if supports is not None else None)
 
 
 def run_mismatch(args: MismatchArguments) -> dict:
@@ -229,25 +297,54 @@ def run_mismatch(args: MismatchArguments) -> dict:
         logger.info("mismatch: sampling %d × %d tokens with %s", len(prompts), args.max_tokens, name)
         try:
             if name in VLLM_ENGINES:
-                completions, engine_logps = sample_vllm(folder, VLLM_ENGINES[name], prompts, args)
+                completions, rows = sample_vllm(folder, VLLM_ENGINES[name], prompts, args)
             else:
-                completions, engine_logps = sample_generate(model, EMULATED_ENGINES[name], prompts, args)
+                completions, rows = sample_generate(model, EMULATED_ENGINES[name], prompts, args)
         except Exception as error:  # an engine this machine cannot run is a result, not the end of the report
             logger.warning("mismatch: %s did not run: %s", name, error)
             results["engines"][name] = {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
             continue
-        log_ratio = training_logps(model, prompts, completions) - engine_logps
+        truncated = truncates(args.top_k, args.top_p, args.min_p)
+        full, replayed = training_logps(model, prompts, completions, rows if truncated else None)
+        engine_logps = _as_tensor(rows, float)
+        log_ratio = (replayed if truncated else full) - engine_logps
         results["engines"][name] = {
             "token": token_stats(log_ratio),
             "sequence": sequence_stats(log_ratio, args.length_list),
             "seconds": round(time.perf_counter() - start, 1),
         }
+        if truncated:
+            # before the replay: vLLM's μ_S against the full π; the generate path's recorder kept the full
+            # log μ(y) = log μ_S(y) + log μ(S_t)
+            before_logps = engine_logps if name in VLLM_ENGINES else _as_tensor(rows, lambda v: v + v.log_mass)
+            results["engines"][name]["support"] = {
+                **support_stats(rows),
+                "before": ratio_quantiles(full - before_logps),
+                "after": ratio_quantiles(log_ratio),
+            }
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(json_safe(results), f, indent=2, allow_nan=False)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(markdown_report(results))
     plot_sequence_spread(results, os.path.join(args.output_dir, "mismatch.png"))
     return results
+
+
+def _as_tensor(rows, value_of):
+    import torch
+
+    return torch.tensor([[math.nan if v is None else value_of(v) for v in row] for row in rows], dtype=torch.float64)
+
+
+def ratio_quantiles(log_ratio) -> dict[str, dict[str, float]]:
+    """Quantiles of the token ratio π/μ and of the whole-completion ratio ``exp Σ_t log(π/μ)``."""
+    import torch
+
+    qs = torch.tensor(RATIO_QUANTILES, dtype=torch.float64)
+    names = [f"q{round(q * 100):02d}" for q in RATIO_QUANTILES]
+    token = torch.nanquantile(log_ratio.flatten().exp(), qs).tolist()
+    seq = torch.nanquantile(log_ratio.nansum(dim=1).exp(), qs).tolist()
+    return {"token": dict(zip(names, token, strict=True)), "sequence": dict(zip(names, seq, strict=True))}
 
 
 def markdown_report(results: dict) -> str:
@@ -274,6 +371,29 @@ def markdown_report(results: dict) -> str:
         lines.append(
             f"| {name} | " + " | ".join(f"{c['std']:.3g} [{c['q02']:.3g}, {c['q98']:.3g}]" for c in cells) + " |"
         )
+    supported = {name: r["support"] for name, r in results["engines"].items() if "support" in r}
+    if supported:
+        settings = results["settings"]
+        lines += [
+            "",
+            f"Truncated sampling (top_p={settings['top_p']}, top_k={settings['top_k']}, min_p={settings['min_p']}): "
+            "ratio π/μ before the support replay and after it (π_S/μ_S), quantiles q01 / q50 / q99 per token and "
+            f"per whole completion ({settings['max_tokens']} tokens); mean support size |S_t|, fraction of "
+            "supports cut at --support_max_tokens, mean kept mass μ(S_t) where the engine reports it.",
+            "",
+            "| engine | token before | token after | sequence before | sequence after | \\|S_t\\| | cut | μ(S_t) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in supported.items():
+            cells = [
+                " / ".join(f"{v:.4g}" for v in r[when][level].values())
+                for level in ("token", "sequence")
+                for when in ("before", "after")
+            ]
+            mass = f"{r['engine_kept_mass']:.3f}" if "engine_kept_mass" in r else "not reported"
+            lines.append(
+                f"| {name} | " + " | ".join(cells) + f" | {r['size']:.1f} | {r['truncated_frac']:.3f} | {mass} |"
+            )
     return "\n".join(lines) + "\n"
 
 
