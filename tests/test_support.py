@@ -286,3 +286,13 @@ def test_without_truncation_nothing_changes(make_trainer, monkeypatch):
     assert not any(k.startswith("alp/support/") for h in trainer.state.log_history for k in h)
     batch = trainer._generate_and_score_completions(PROMPT_ROWS[:4])
     assert "alp_support_ids" not in batch
+
+
+def test_the_reference_pass_is_replayed_too(make_trainer):
+    """beta > 0 at step 1 with LoRA (the reference is the adapter switched off; the fresh adapter changes nothing):
+    the KL of the replayed policy to it is 0 only if the reference log-probs are replayed on the same support."""
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = train_one_step(make_trainer, correction="token-bypass", top_k=5, beta=0.1, peft_config=lora)
+    assert last_logged(trainer, "kl") == pytest.approx(0.0, abs=1e-6)
