@@ -216,9 +216,17 @@ def main(out_dir: str, phases: list[str]) -> None:
         }
         del trainer
 
-    if "lora" in phases:
+    if "lora" in phases:  # with top_k: the support replay runs under the engine (ZeRO-3 refuses it)
         seeds.clear()
-        trainer, recorder = make_trainer(tokenizer, os.path.join(out_dir, "lora"), peft=True, max_steps=2)
+        lora_dir = os.path.join(out_dir, "lora")
+        zero3 = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+        replay_refused = None
+        if zero3:
+            try:
+                make_trainer(tokenizer, lora_dir, peft=True, max_steps=2, top_k=5)
+            except ValueError as error:
+                replay_refused = str(error)
+        trainer, recorder = make_trainer(tokenizer, lora_dir, peft=True, max_steps=2, top_k=0 if zero3 else 5)
         trainer.train()
         lora = {n: p for n, p in full_weights(trainer).items() if "lora_" in n}
         results["lora"] = {
@@ -228,6 +236,9 @@ def main(out_dir: str, phases: list[str]) -> None:
             "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
             "lora_checksum": checksum(lora),
             "lora_tensors": len(lora),
+            "support_size": [h["alp/support/size"] for h in trainer.state.log_history if "alp/support/size" in h],
+            "token_ratio_q50": [h["alp/ratio/token/q50"] for h in trainer.state.log_history if "loss" in h],
+            "replay_refused": replay_refused,
         }
         del trainer
 

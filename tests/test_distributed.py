@@ -137,6 +137,11 @@ def test_engine_on_two_cpu_processes(engine, tmp_path, bypass_reference):
         _check_engine(engine, facts)
     _check_sigma_and_noise(lora, steps=2)
     assert lora[0]["lora_tensors"] > 0 and lora[0]["lora_checksum"] != 0.0
+    if engine == "zero3":  # the replay needs the whole LM head outside its forward
+        assert "zero3 keeps partitioned" in lora[0]["replay_refused"]
+    else:  # top_k=5 replayed under the engine: 5 ids per token, and on-policy at the first step
+        assert all(p["support_size"] == [5.0, 5.0] for p in lora)
+        assert lora[0]["token_ratio_q50"][0] == pytest.approx(1.0, abs=1e-5)
 
     # the CLI (`-m trl_alp train`'s main), LoRA, one step: the engine it reports, and a complete output folder
     for rank in ranks:

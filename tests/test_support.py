@@ -296,3 +296,16 @@ def test_the_reference_pass_is_replayed_too(make_trainer):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = train_one_step(make_trainer, correction="token-bypass", top_k=5, beta=0.1, peft_config=lora)
     assert last_logged(trainer, "kl") == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_custom_rollout_func_without_supports_is_said_not_replayed(make_trainer, tokenizer, caplog):
+    def rollout_func(prompts, trainer):
+        ids, completion = [[5, 6]] * len(prompts), [[7, 8, tokenizer.eos_token_id]] * len(prompts)
+        return {"prompt_ids": ids, "completion_ids": completion, "logprobs": [[-1.0, -2.0, -0.5]] * len(prompts)}
+
+    trainer = make_trainer(max_steps=1, correction="token-bypass", top_p=0.9)
+    trainer.rollout_func = rollout_func
+    with caplog.at_level(logging.WARNING, logger="trl_alp.trainer"):
+        trainer.train()
+    assert "carry no sampling support" in caplog.text
+    assert not any(k.startswith("alp/support/") for h in trainer.state.log_history for k in h)

@@ -284,6 +284,7 @@ class ALPGRPOTrainer(GRPOTrainer):
         self._alp_rollout_rows: list[list[float]] | None = None
         self._alp_support: tuple[torch.Tensor, torch.Tensor] | None = None
         self._alp_support_full_logps: torch.Tensor | None = None
+        self._alp_warned_no_support = False
         support_tokens, support_bound = 0, None
         if args.replays_support and args.use_vllm:  # vLLM returns the support as its top-N processed log-probs
             support_bound = args.top_k if (args.top_k or 0) > 0 else None
@@ -291,6 +292,12 @@ class ALPGRPOTrainer(GRPOTrainer):
         with alp_engine(args.alp_rollout_dtype if args.use_vllm else None, support_tokens, support_bound):
             super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
 
+        if args.replays_support and engine_name(self.accelerator) in ("zero3", "fsdp1"):
+            raise ValueError(
+                f"alp_replay_support (top_k/top_p/min_p) reads the LM head's weight outside its forward, which "
+                f"{engine_name(self.accelerator)} keeps partitioned: use FSDP2 or ZeRO-0/1/2, or set "
+                "alp_replay_support=False (the ratio is then off by the kept mass)."
+            )
         self.alp_perturbation = self._build_perturbation(args).to(self.accelerator.device)
         if self.alp_perturbation.log_sigma.requires_grad and self.optimizer is not None:
             raise ValueError(
@@ -502,8 +509,17 @@ class ALPGRPOTrainer(GRPOTrainer):
     def _generate(self, prompts):
         output = super()._generate(prompts)
         if self.args.replays_support:  # the rollout rows, with their supports, for the passes that score them
-            self._alp_rollout_rows = output[4]
-            self._log_support_stats(output[4])
+            rows = output[4] or []
+            if any(isinstance(v, SupportedLogp) for row in rows for v in row):
+                self._alp_rollout_rows = rows
+                self._log_support_stats(rows)
+            elif not self._alp_warned_no_support:
+                self._alp_warned_no_support = True
+                logger.warning(
+                    "top_k/top_p/min_p: these rollouts carry no sampling support (a custom rollout_func returns plain "
+                    "log-probs), so the ratio is not replayed on it; return trl_alp.support.SupportedLogp values to "
+                    "replay it."
+                )
         return output
 
     def _log_support_stats(self, rows) -> None:
