@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback
 
-from .plot import load_log_history, plot_envelopes, series
+from .plot import load_log_history, plot_envelopes, plot_phase_diagram, series
 
 logger = logging.getLogger(__name__)
 
@@ -538,40 +538,6 @@ def markdown_table(table: dict[str, dict[str, dict]], cells: list[str], correcti
     return "\n".join(lines)
 
 
-def plot_phase_diagram(table: dict[str, dict[str, dict]], cells: list[str], corrections: list[str], path: str) -> None:
-    """Correction × cell grid coloured by outcome, annotated with the final reward (mean ± std)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
-
-    colors = {"learned": "#4caf50", "stalled": "#ffe082", "unstable": "#fb8c00", "collapsed": "#e53935"}
-    grid = [
-        [OUTCOMES.index(table[c][k]["outcome"]) if k in table.get(c, {}) else math.nan for c in cells]
-        for k in corrections
-    ]
-    fig, ax = plt.subplots(figsize=(1.9 * len(cells) + 2.5, 0.6 * len(corrections) + 1.6))
-    ax.imshow(grid, cmap=ListedColormap([colors[o] for o in OUTCOMES]), vmin=0, vmax=len(OUTCOMES) - 1, aspect="auto")
-    for i, correction in enumerate(corrections):
-        for j, cell in enumerate(cells):
-            row = table.get(cell, {}).get(correction)
-            if row is not None:
-                collapsed = row["outcomes"]["collapsed"]
-                text = f"{row['reward_final']:.2f}±{row['reward_final_std']:.2f}"
-                text += f"\ncollapsed {collapsed}/{row['seeds']}" if collapsed else ""
-                ax.text(j, i, text, ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(cells)), cells, rotation=20)
-    ax.set_yticks(range(len(corrections)), corrections)
-    ax.set_xlabel("mismatch cell (rollout precision - steps per generation - lr), weak → strong")
-    ax.set_title("final reward (mean ± std over seeds), colour = outcome")
-    ax.legend(handles=[Patch(color=colors[o], label=o) for o in OUTCOMES], loc="upper left", bbox_to_anchor=(1, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def write_report(args: StressArguments) -> dict:
     """Read every finished result file of the grid and write the table, JSON, phase diagram and envelopes."""
     cells, corrections = args.cell_list, args.correction_list
@@ -600,7 +566,7 @@ def write_report(args: StressArguments) -> dict:
     }
     _write_json(os.path.join(args.output_dir, "results.json"), report)
     markdown = markdown_table(table, cells, corrections)
-    plot_phase_diagram(table, cells, corrections, os.path.join(args.output_dir, "phase_diagram.png"))
+    plot_phase_diagram(table, cells, corrections, OUTCOMES, os.path.join(args.output_dir, "phase_diagram.png"))
     for cell in cells:
         run_dirs = [os.path.join(args.output_dir, "runs", cell, c, "seed0") for c in corrections]
         present = [(d, c) for d, c in zip(run_dirs, corrections, strict=True) if _has_history(d)]
