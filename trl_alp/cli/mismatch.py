@@ -13,11 +13,12 @@ emulated engines of the ``generate`` path: ``autocast-bf16``, ``autocast-fp16`` 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
+
+from .experiment import comma_list, int_list, markdown_table, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +57,9 @@ class MismatchArguments:
     output_dir: str = field(default="runs/mismatch", metadata={"help": "Report folder (results.md/.json, PNG)."})
 
     def __post_init__(self):
-        self.engine_list = [e.strip() for e in self.engines.split(",") if e.strip()]
-        unknown = [e for e in self.engine_list if e not in ENGINES]
-        if not self.engine_list or unknown:
-            raise ValueError(f"--engines: unknown {unknown or 'empty list'}; choose from {', '.join(ENGINES)}")
-        try:
-            self.length_list = sorted({int(x) for x in self.lengths.split(",") if x.strip()})
-        except ValueError as error:
-            raise ValueError(f"--lengths must be comma-separated integers, got {self.lengths!r}") from error
-        if not self.length_list or self.length_list[0] < 1 or self.length_list[-1] > self.max_tokens:
+        self.engine_list = comma_list(self.engines, "engines", ENGINES)
+        self.length_list = int_list(self.lengths, "lengths")
+        if self.length_list[0] < 1 or self.length_list[-1] > self.max_tokens:
             raise ValueError(f"--lengths must lie in [1, --max_tokens={self.max_tokens}], got {self.lengths!r}")
         if self.num_prompts < 2:
             raise ValueError(f"--num_prompts must be >= 2 (a spread needs two sequences), got {self.num_prompts}")
@@ -210,8 +205,6 @@ def run_mismatch(args: MismatchArguments) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .demo import json_safe
-
     os.makedirs(args.output_dir, exist_ok=True)
     folder = _prepare_model(args)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -236,8 +229,7 @@ def run_mismatch(args: MismatchArguments) -> dict:
             "sequence": sequence_stats(log_ratio, args.length_list),
             "seconds": round(time.perf_counter() - start, 1),
         }
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump(json_safe(results), f, indent=2, allow_nan=False)
+    write_json(os.path.join(args.output_dir, "results.json"), results)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(markdown_report(results))
     plot_sequence_spread(results, os.path.join(args.output_dir, "mismatch.png"))
@@ -246,29 +238,33 @@ def run_mismatch(args: MismatchArguments) -> dict:
 
 def markdown_report(results: dict) -> str:
     """Two tables: per-token mismatch, and the sequence log-ratio's standard deviation by prefix length."""
-    lengths = [int(x) for x in results["settings"]["lengths"].split(",")]
-    lines = [
-        "| engine | \\|Δ log p\\| q50 | q90 | q99 | max | k1 KL / token | k3 KL / token |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    lengths = int_list(results["settings"]["lengths"], "lengths")
+    measured = {name: r for name, r in results["engines"].items() if "error" not in r}
+    token_rows = []
     for name, r in results["engines"].items():
-        if "error" in r:
-            lines.append(f"| {name} | did not run: {r['error']} ||||||")
+        if name not in measured:
+            token_rows.append([name, f"did not run: {r['error']}", *[""] * 5])
             continue
         t = r["token"]
         cells = [t["abs_q50"], t["abs_q90"], t["abs_q99"], t["abs_max"], t["k1_kl"], t["k3_kl"]]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.2e}" for v in cells) + " |")
-    lines += ["", "Sequence log-ratio Σ_t (log π − log μ): std over completions [q02, q98] at each length.", ""]
-    lines.append("| engine | " + " | ".join(f"L={n}" for n in lengths) + " |")
-    lines.append("|---|" + "---|" * len(lengths))
-    for name, r in results["engines"].items():
-        if "error" in r:
-            continue
-        cells = [r["sequence"][str(n)] for n in lengths]
-        lines.append(
-            f"| {name} | " + " | ".join(f"{c['std']:.3g} [{c['q02']:.3g}, {c['q98']:.3g}]" for c in cells) + " |"
+        token_rows.append([name, *(f"{v:.2e}" for v in cells)])
+    sequence_rows = [
+        [name, *(f"{c['std']:.3g} [{c['q02']:.3g}, {c['q98']:.3g}]" for c in (r["sequence"][str(n)] for n in lengths))]
+        for name, r in measured.items()
+    ]
+    token_header = ("engine", "\\|Δ log p\\| q50", "q90", "q99", "max", "k1 KL / token", "k3 KL / token")
+    return (
+        "\n".join(
+            [
+                markdown_table(token_header, token_rows),
+                "",
+                "Sequence log-ratio Σ_t (log π − log μ): std over completions [q02, q98] at each length.",
+                "",
+                markdown_table(("engine", *(f"L={n}" for n in lengths)), sequence_rows),
+            ]
         )
-    return "\n".join(lines) + "\n"
+        + "\n"
+    )
 
 
 def plot_sequence_spread(results: dict, output: str) -> None:
