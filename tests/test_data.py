@@ -76,3 +76,14 @@ def test_digits_task_and_reward():
     assert digits_dataset(16, seed=1)["prompt"] == data["prompt"]
     rewards = digit_share_reward([[{"role": "assistant", "content": t}] for t in ["12 34", "a1b2", "", "  ", "xyz"]])
     assert rewards == [1.0, 0.5, 0.0, 0.0, 0.0]
+
+
+def test_load_task_pairs_each_task_with_the_rewards_that_verify_it():
+    from trl_alp.cli.data import digit_share_reward, digits_dataset, load_task
+
+    data, rewards = load_task("digits", 8, seed=2)
+    assert data["prompt"] == digits_dataset(8, seed=2)["prompt"] and rewards == [digit_share_reward]
+    data, rewards = load_task("addition", 8, seed=2)
+    assert data["answer"] == addition_dataset(8, seed=2)["answer"]
+    assert rewards == [correctness_reward, number_format_reward]
+    assert load_task("arithmetic", 4)[0]["answer"] == arithmetic_dataset(4)["answer"]

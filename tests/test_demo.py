@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from trl_alp.cli.demo import estimate_remaining_seconds
 from trl_alp.cli.main import main
 
 STEPS = 4  # two generation cycles (steps_per_generation=2): the estimate measures the second
@@ -112,17 +111,20 @@ def test_estimate_skips_the_warm_up_cycle_when_the_run_is_long_enough(monkeypatc
 
 
 def test_estimate_counts_steps_and_loads(caplog):
-    """Worked by hand: 12 steps per run, 2 runs after this one, steps 3–4 measured at 5 s, 30 s per model load:
-    8 + 24 = 32 steps and 2 loads left, 32 × 5 + 2 × 30 = 220 s, shown as 3.7 min."""
+    """Worked by hand: 12 steps per run, steps 3–4 measured. With 2 runs after this one, at 5 s per step and 30 s per
+    model load: 8 + 24 = 32 steps and 2 loads left, 32 × 5 + 2 × 30 = 220 s, shown as 3.7 min. With 3 runs after it,
+    at 0.5 s per step and 2 s per load: 8 + 36 = 44 steps and 3 loads, 44 × 0.5 + 3 × 2 = 28 s, under 120 s: in s."""
     from trl_alp.cli.demo import _log_estimate
 
     with caplog.at_level(logging.INFO, logger="trl_alp"):
         _log_estimate(SimpleNamespace(max_steps=12), 30.0, 2, 5.0, 3, 4)
+        _log_estimate(SimpleNamespace(max_steps=12), 2.0, 3, 0.5, 3, 4)
     assert caplog.messages == [
         "trl-alp demo: measured 5 s/step over steps 3–4 and 30 s per model load; estimated 3.7 min for the remaining "
-        "32 steps and 2 loads."
+        "32 steps and 2 loads.",
+        "trl-alp demo: measured 0.5 s/step over steps 3–4 and 2 s per model load; estimated 28 s for the remaining "
+        "44 steps and 3 loads.",
     ]
-    assert estimate_remaining_seconds(0.5, 10, 2.0, 3) == 11.0  # under 120 s it is shown in seconds
 
 
 def test_alp_runs_calibrate_sigma_and_the_others_keep_the_defaults(caplog):

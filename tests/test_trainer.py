@@ -257,6 +257,9 @@ def test_model_card_cites_alp_and_describes_the_run(make_trainer, tmp_path):
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Adaptive Layerwise Perturbation: Unifying Off-Policy Corrections for LLM RL" in card
     assert "2603.19470" in card and "DeepSeekMath" not in card  # not GRPOTrainer's citation
+    # the authors, as the authors' repository (amazon-science/adaptive-layerwise-perturbation) and arXiv list them
+    assert "author       = {Chenlu Ye and Xuanchang Zhang and Yifan Hao and Zhou Yu and Ziji Zhang and " in card
+    assert "Abhinav Gullapalli and Hao Chen and Jing Huang and Tong Zhang}" in card
     assert "## ALP settings" in card and "`seq-alp`" in card and "| initial σ₀ | `0.05` |" in card
     assert "`alp_state.json`" in card and "`log_sigma`" in card
 

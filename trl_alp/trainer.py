@@ -250,8 +250,9 @@ class ALPGRPOTrainer(GRPOTrainer):
         "id": "2603.19470",
         # docstyle-ignore
         "citation": textwrap.dedent("""\
-            @misc{alp2026,
+            @misc{ye2026adaptive,
                 title        = {{Adaptive Layerwise Perturbation: Unifying Off-Policy Corrections for LLM RL}},
+                author       = {Chenlu Ye and Xuanchang Zhang and Yifan Hao and Zhou Yu and Ziji Zhang and Abhinav Gullapalli and Hao Chen and Jing Huang and Tong Zhang},
                 year         = 2026,
                 eprint       = {2603.19470},
                 archivePrefix = {arXiv},

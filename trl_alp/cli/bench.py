@@ -27,7 +27,6 @@ profiler's allocation records (which, unlike the RSS, leaves out what the C allo
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import platform
@@ -42,6 +41,17 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import TrainerCallback
+
+from .experiment import (
+    RUN_SETTINGS,
+    LogHistory,
+    comma_list,
+    markdown_table,
+    read_json,
+    remove_log_printers,
+    to_json,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -117,15 +127,11 @@ class BenchArguments:
             raise ValueError(f"--engine must be one of {list(ENGINES)}, got {self.engine!r}")
         if self.finetune not in FINETUNE:
             raise ValueError(f"--finetune must be one of {list(FINETUNE)}, got {self.finetune!r}")
-        unknown = [s for s in self.scenario_list if s not in SCENARIOS]
-        if unknown or not self.scenario_list:
-            raise ValueError(
-                f"--scenarios must be a comma-separated subset of {list(SCENARIOS)}, got {self.scenarios!r}"
-            )
+        comma_list(self.scenarios, "scenarios", SCENARIOS)
 
     @property
     def scenario_list(self) -> list[str]:
-        return [s.strip() for s in self.scenarios.split(",") if s.strip()]
+        return comma_list(self.scenarios, "scenarios", SCENARIOS)
 
 
 # ------------------------------------------------------------------------------------------------- one arm (worker)
@@ -323,7 +329,6 @@ def _minor_page_faults() -> int | None:
 def run_arm(spec: dict) -> dict:
     """Train one arm in this process and return its per-step timings and peak memory."""
     from peft import LoraConfig
-    from transformers import PrinterCallback, ProgressCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from ..config import ALPConfig
@@ -347,13 +352,10 @@ def run_arm(spec: dict) -> dict:
         num_generations=spec["num_generations"],
         max_completion_length=spec["max_completion_length"],
         learning_rate=1e-5,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
         bf16=cuda,
         use_cpu=not cuda,
         seed=0,
-        disable_tqdm=True,
+        **RUN_SETTINGS,
         **scenario,
     )
     if spec["engine"] == "vllm":  # the same exact engine for both trainers: the comparison stays ALP vs GRPO
@@ -377,8 +379,7 @@ def run_arm(spec: dict) -> dict:
             processing_class=tokenizer,
             peft_config=lora,
         )
-    for callback in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(callback)
+    remove_log_printers(trainer)
     timer = StepTimer(trainer, cuda)
 
     memory = PeakMemory(cuda)
@@ -398,7 +399,7 @@ def run_arm(spec: dict) -> dict:
     faults = None if faults is None else _minor_page_faults() - faults  # null in the JSON where not measured
 
     measured = timer.steps[spec["warmup"] * cycle :]
-    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    lengths = LogHistory(trainer.state.log_history).values("completions/mean_length")
     result = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "engine": spec["engine"],
@@ -433,11 +434,8 @@ def _worker_main(argv: list[str]) -> None:
         raise SystemExit("usage: python -m trl_alp.cli.bench --worker SPEC.json")
     os.dup2(2, 1)  # the parent's stdout belongs to its table / JSON: everything of the worker goes to stderr
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    with open(argv[1]) as f:
-        spec = json.load(f)
-    result = run_arm(spec)
-    with open(spec["result"], "w") as f:
-        json.dump(result, f)
+    spec = read_json(argv[1])
+    write_json(spec["result"], run_arm(spec))
 
 
 # ------------------------------------------------------------------------------------------- all arms (parent)
@@ -445,14 +443,12 @@ def _spawn(spec: dict, workdir: str) -> dict:
     name = f"{spec['scenario']}-{spec['kind']}-r{spec['repeat']}"
     spec_path = os.path.join(workdir, f"{name}.spec.json")
     spec = {**spec, "result": os.path.join(workdir, f"{name}.result.json")}
-    with open(spec_path, "w") as f:
-        json.dump(spec, f)
+    write_json(spec_path, spec)
     load_before = os.getloadavg()[0]
     done = subprocess.run([sys.executable, "-m", "trl_alp.cli.bench", "--worker", spec_path], check=False)
     if done.returncode != 0:
         raise RuntimeError(f"bench arm {name} failed (exit status {done.returncode}); its log is above.")
-    with open(spec["result"]) as f:
-        result = json.load(f)
+    result = read_json(spec["result"])
     # 1-minute load average when the arm started and ended: ~1 per busy bench thread on a machine left alone
     result["load_average"] = [load_before, os.getloadavg()[0]]
     return result
@@ -614,7 +610,7 @@ def format_table(results: dict) -> str:
     """A Markdown table: per scenario one row per trainer and one row of ALP/GRPO ratios (median [range over
     rounds])."""
     args = results["args"]
-    scenarios = [s.strip() for s in args["scenarios"].split(",") if s.strip()]
+    scenarios = comma_list(args["scenarios"], "scenarios")
     finetune = results[scenarios[0]]["grpo"]["finetune"]
     columns = ("whole_step_s", "generation_s", "training_s", "training_cpu_s")
     ratio_of = {
@@ -623,6 +619,24 @@ def format_table(results: dict) -> str:
         "training_s": "train_time_ratio",
         "training_cpu_s": "train_cpu_time_ratio",
     }
+    rows = []
+    for scenario in scenarios:
+        row = results[scenario]
+        for kind in KINDS:
+            arm = row[kind]
+            cells = [_fmt(arm[c]) for c in (*columns, "logprob_pass_s")]
+            cells.append(_fmt(arm["peak_above_baseline_bytes"], 2**-20, 0))
+            rows.append([scenario, kind.upper(), *cells, f"{arm['mean_completion_tokens']:.1f}"])
+        ranges = row["ratio_range"]
+        cells = []
+        for name in [ratio_of[c] for c in columns] + ["pass_saving_bound", "memory_ratio"]:
+            span = ""
+            if name in ranges:
+                span = f" [{ranges[name][0]:.3f}–{ranges[name][1]:.3f}], paired {row['paired_ratio'][name]:.3f}"
+            cells.append(f"**{row[name]:.3f}**{span}")
+        rows.append([scenario, "ALP/GRPO", *cells, ""])
+    header = ("scenario", "trainer", "whole step s", "generation s", "training s", "training CPU s")
+    header += ("no-grad log-prob passes s (ALP/GRPO row: pass-saving bound)", "peak memory MiB", "tokens")
     lines = [
         f"device: {results['device']} ({results['threads']} threads), model: {args['model']} ({finetune}), "
         f"{args['completions']} completions × ≤{args['max_completion_length']} tokens, {args['repeats']} rounds × "
@@ -631,27 +645,8 @@ def format_table(results: dict) -> str:
         f"memory: {results['memory_method']}; "
         f"load average {results['machine']['load_average_before'][0]:.1f} → "
         f"{results['machine']['load_average_after'][0]:.1f} on {results['machine']['cpu_count']} CPUs",
-        "| scenario | trainer | whole step s | generation s | training s | training CPU s | no-grad log-prob passes s "
-        "(ALP/GRPO row: pass-saving bound) | peak memory MiB | tokens |",
-        "|---|---|---|---|---|---|---|---|---|",
+        markdown_table(header, rows),
     ]
-    for scenario in scenarios:
-        row = results[scenario]
-        for kind in KINDS:
-            arm = row[kind]
-            cells = [_fmt(arm[c]) for c in (*columns, "logprob_pass_s")]
-            cells.append(_fmt(arm["peak_above_baseline_bytes"], 2**-20, 0))
-            lines.append(
-                f"| {scenario} | {kind.upper()} | {' | '.join(cells)} | {arm['mean_completion_tokens']:.1f} |"
-            )
-        ranges = row["ratio_range"]
-        cells = []
-        for name in [ratio_of[c] for c in columns] + ["pass_saving_bound", "memory_ratio"]:
-            span = ""
-            if name in ranges:
-                span = f" [{ranges[name][0]:.3f}–{ranges[name][1]:.3f}], paired {row['paired_ratio'][name]:.3f}"
-            cells.append(f"**{row[name]:.3f}**{span}")
-        lines.append(f"| {scenario} | ALP/GRPO | {' | '.join(cells)} | |")
     for scenario in scenarios:
         if "tensor_peak_bytes" in results[scenario]:
             row = results[scenario]
@@ -665,7 +660,7 @@ def format_table(results: dict) -> str:
 
 def main(args: BenchArguments) -> dict:
     results = run_bench(args)
-    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    print(to_json(results) if args.json else format_table(results))
     return results
 
 

@@ -11,6 +11,7 @@ import ast
 import operator
 import random
 import re
+from collections.abc import Callable
 
 from datasets import Dataset
 
@@ -173,3 +174,16 @@ REWARD_FUNCS = {
     "number_format": number_format_reward,
     "digit_share": digit_share_reward,
 }
+
+# The experiments' tasks: how to generate the prompts, and the rewards that verify the answers.
+TASKS = {
+    "addition": (addition_dataset, ("correctness", "number_format")),
+    "arithmetic": (arithmetic_dataset, ("correctness", "number_format")),
+    "digits": (digits_dataset, ("digit_share",)),
+}
+
+
+def load_task(name: str, n: int, seed: int = 0) -> tuple[Dataset, list[Callable]]:
+    """`n` prompts of the task `name` (one of `TASKS`) and its reward functions."""
+    make_dataset, rewards = TASKS[name]
+    return make_dataset(n, seed=seed), [REWARD_FUNCS[reward] for reward in rewards]

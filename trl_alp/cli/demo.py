@@ -15,14 +15,21 @@ The report folder holds ``results.md`` (table), ``results.json``, ``envelopes.pn
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
 
-from .plot import load_log_history, series
+from .experiment import (
+    TRAINING_SETTINGS,
+    LogHistory,
+    comma_list,
+    markdown_table,
+    number,
+    remove_log_printers,
+    write_json,
+)
+from .plot import load_log_history
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +129,7 @@ class DemoArguments:
 
     @property
     def correction_list(self) -> list[str]:
-        return [c.strip() for c in self.corrections.split(",") if c.strip()]
+        return comma_list(self.corrections, "corrections")
 
 
 def check_demo_args(args: DemoArguments) -> None:
@@ -130,9 +137,7 @@ def check_demo_args(args: DemoArguments) -> None:
     from ..config import CORRECTIONS, parse_init_sigma
 
     args.alp_init_sigma = parse_init_sigma(args.alp_init_sigma)
-    unknown = [c for c in args.correction_list if c not in CORRECTIONS]
-    if unknown or not args.correction_list:
-        raise ValueError(f"--corrections: unknown {unknown}; choose from {list(CORRECTIONS)}")
+    comma_list(args.corrections, "corrections", CORRECTIONS)
 
 
 def estimate_remaining_seconds(
@@ -155,20 +160,13 @@ def _run_config(args: DemoArguments, correction: str, output_dir: str):
         num_generations=8,
         steps_per_generation=STEPS_PER_GENERATION,  # staleness: the second step trains on older rollouts
         max_completion_length=16,  # the answer fits; a long detour is cut off unrewarded (and steps stay cheap)
-        temperature=1.0,
         learning_rate=args.learning_rate or (SMOLLM2_LEARNING_RATE if smol else 1e-2),
-        lr_scheduler_type="constant",
-        beta=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
         bf16=False,
         use_cpu=True,
-        gradient_checkpointing=False,  # the name transformers 5.17 (vLLM's CPU build) and 5.24 both accept
         seed=args.seed,
         alp_rollout_dtype=args.rollout_dtype,
         alp_rollout_weight_bits=args.rollout_weight_bits,
-        disable_tqdm=False,
+        **TRAINING_SETTINGS,
         **sigma,
         **({"use_vllm": True, "vllm_mode": "colocate"} if args.engine == "vllm" else {}),
     )
@@ -229,50 +227,54 @@ def _progress_callback(label: str, on_measured=None):
 
 def summarize(run_dir: str) -> dict[str, float]:
     """The demo's table row for one run, from its logged history."""
-    history = load_log_history(run_dir)
-
-    def values(key):
-        return series(history, key)[1]
-
-    def tail_mean(key, n=3):
-        v = values(key)
-        return sum(v[-n:]) / len(v[-n:]) if v else math.nan
-
-    def first_mean(key, n=3):
-        v = values(key)
-        return sum(v[:n]) / len(v[:n]) if v else math.nan
-
-    sigma = values("alp/sigma/mean")
+    history = LogHistory(load_log_history(run_dir))
     return {
-        "reward_first": first_mean("reward"),
-        "reward_last": tail_mean("reward"),
-        "accuracy_first": first_mean("rewards/correctness_reward/mean"),
-        "accuracy_last": tail_mean("rewards/correctness_reward/mean"),
-        "seq_ratio_q01_min": min(values("alp/ratio/seq/q01"), default=math.nan),
-        "seq_ratio_q99_max": max(values("alp/ratio/seq/q99"), default=math.nan),
-        "seq_ratio_max": max(values("alp/ratio/seq/max"), default=math.nan),
-        "k3_kl_max": max(values("alp/mismatch/k3_kl"), default=math.nan),
-        "sigma_final": sigma[-1] if sigma else math.nan,
+        "reward_first": history.first("reward", 3),
+        "reward_last": history.last("reward", 3),
+        "accuracy_first": history.first("rewards/correctness_reward/mean", 3),
+        "accuracy_last": history.last("rewards/correctness_reward/mean", 3),
+        "seq_ratio_q01_min": history.min("alp/ratio/seq/q01"),
+        "seq_ratio_q99_max": history.max("alp/ratio/seq/q99"),
+        "seq_ratio_max": history.max("alp/ratio/seq/max"),
+        "k3_kl_max": history.max("alp/mismatch/k3_kl"),
+        "sigma_final": history.last("alp/sigma/mean"),
     }
 
 
-def markdown_table(rows: dict[str, dict[str, float]]) -> str:
-    header = (
-        "| run | reward (first 3 → last 3 steps) | accuracy (first 3 → last 3) | seq ratio q01 (min) | "
-        "seq ratio q99 (max) | seq ratio max | max k3 KL | final σ (mean) |"
+RESULTS_HEADER = (
+    "run",
+    "reward (first 3 → last 3 steps)",
+    "accuracy (first 3 → last 3)",
+    "seq ratio q01 (min)",
+    "seq ratio q99 (max)",
+    "seq ratio max",
+    "max k3 KL",
+    "final σ (mean)",
+)
+
+
+def results_table(rows: dict[str, dict[str, float]]) -> str:
+    """The demo's Markdown table: one row per correction."""
+
+    def fmt(x: float, spec: str = ".3f") -> str:
+        return number(x, spec, missing="–")
+
+    return markdown_table(
+        RESULTS_HEADER,
+        (
+            [
+                name,
+                f"{fmt(r['reward_first'])} → {fmt(r['reward_last'])}",
+                f"{fmt(r['accuracy_first'])} → {fmt(r['accuracy_last'])}",
+                fmt(r["seq_ratio_q01_min"]),
+                fmt(r["seq_ratio_q99_max"]),
+                fmt(r["seq_ratio_max"]),
+                fmt(r["k3_kl_max"], ".2e"),
+                fmt(r["sigma_final"], ".4f"),
+            ]
+            for name, r in rows.items()
+        ),
     )
-    lines = [header, "|" + "---|" * 8]
-
-    def fmt(x, spec=".3f"):
-        return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-    for name, r in rows.items():
-        lines.append(
-            f"| {name} | {fmt(r['reward_first'])} → {fmt(r['reward_last'])} | {fmt(r['accuracy_first'])} → "
-            f"{fmt(r['accuracy_last'])} | {fmt(r['seq_ratio_q01_min'])} | {fmt(r['seq_ratio_q99_max'])} | "
-            f"{fmt(r['seq_ratio_max'])} | {fmt(r['k3_kl_max'], '.2e')} | {fmt(r['sigma_final'], '.4f')} |"
-        )
-    return "\n".join(lines)
 
 
 def _log_estimate(
@@ -305,23 +307,10 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def json_safe(value):
-    """NaN/inf (a metric that was never logged, e.g. σ of a non-ALP run) become null: JSON has no NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def run_demo(args: DemoArguments) -> dict[str, dict[str, float]]:
     """Train one run per correction and write the report; returns the table rows."""
-    from transformers import ProgressCallback
-
     from ..trainer import ALPGRPOTrainer
-    from .data import REWARD_FUNCS, addition_dataset, arithmetic_dataset
+    from .data import load_task
     from .models import load_offline_model
     from .plot import plot_envelopes
 
@@ -341,9 +330,7 @@ def run_demo(args: DemoArguments) -> dict[str, dict[str, float]]:
         2 * cycle if args.max_steps >= 2 * cycle else min(cycle, args.max_steps),
     )
     os.makedirs(args.output_dir, exist_ok=True)
-    make_dataset = addition_dataset if args.task == "addition" else arithmetic_dataset
-    dataset = make_dataset(args.num_prompts, seed=args.seed)
-    rewards = [REWARD_FUNCS["correctness"], REWARD_FUNCS["number_format"]]
+    dataset, rewards = load_task(args.task, args.num_prompts, seed=args.seed)
     run_dirs, timings = [], {}
     demo_start = time.perf_counter()
     for i, correction in enumerate(corrections, 1):
@@ -360,7 +347,7 @@ def run_demo(args: DemoArguments) -> dict[str, dict[str, float]]:
         )
         load_seconds = time.perf_counter() - load_start
 
-        trainer.remove_callback(ProgressCallback)
+        remove_log_printers(trainer)
         label = f"[{i}/{len(corrections)}] {correction}"
         estimate = functools.partial(_log_estimate, args, load_seconds, len(corrections) - 1) if i == 1 else None
         trainer.add_callback(_progress_callback(label, estimate))
@@ -373,9 +360,8 @@ def run_demo(args: DemoArguments) -> dict[str, dict[str, float]]:
 
     rows = {c: {**summarize(d), "train_seconds": timings[c]} for c, d in zip(corrections, run_dirs, strict=True)}
     plot_envelopes(run_dirs, os.path.join(args.output_dir, "envelopes.png"), labels=corrections)
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump(json_safe({"args": vars(args), "results": rows}), f, indent=2, allow_nan=False)
-    table = markdown_table(rows)
+    write_json(os.path.join(args.output_dir, "results.json"), {"args": vars(args), "results": rows})
+    table = results_table(rows)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(
             f"# trl-alp demo ({args.model}, {args.task}, {args.max_steps} steps, rollouts in {_rollout_label(args)})\n\n"

@@ -18,7 +18,6 @@ the full π against the full μ) and after it (π_S/μ_S), token and sequence qu
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -26,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from ..support import SupportedLogp, kept_support, support_from_top_logprobs, support_stats, support_warpers, truncates
+from .experiment import comma_list, int_list, markdown_table, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -71,15 +71,9 @@ class MismatchArguments:
     output_dir: str = field(default="runs/mismatch", metadata={"help": "Report folder (results.md/.json, PNG)."})
 
     def __post_init__(self):
-        self.engine_list = [e.strip() for e in self.engines.split(",") if e.strip()]
-        unknown = [e for e in self.engine_list if e not in ENGINES]
-        if not self.engine_list or unknown:
-            raise ValueError(f"--engines: unknown {unknown or 'empty list'}; choose from {', '.join(ENGINES)}")
-        try:
-            self.length_list = sorted({int(x) for x in self.lengths.split(",") if x.strip()})
-        except ValueError as error:
-            raise ValueError(f"--lengths must be comma-separated integers, got {self.lengths!r}") from error
-        if not self.length_list or self.length_list[0] < 1 or self.length_list[-1] > self.max_tokens:
+        self.engine_list = comma_list(self.engines, "engines", ENGINES)
+        self.length_list = int_list(self.lengths, "lengths")
+        if self.length_list[0] < 1 or self.length_list[-1] > self.max_tokens:
             raise ValueError(f"--lengths must lie in [1, --max_tokens={self.max_tokens}], got {self.lengths!r}")
         if not 0 < self.top_p <= 1 or self.top_k < 0 or (self.min_p is not None and not 0 <= self.min_p <= 1):
             raise ValueError(
@@ -284,8 +278,6 @@ def run_mismatch(args: MismatchArguments) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .demo import json_safe
-
     os.makedirs(args.output_dir, exist_ok=True)
     folder = _prepare_model(args)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -322,8 +314,7 @@ def run_mismatch(args: MismatchArguments) -> dict:
                 "before": ratio_quantiles(full - before_logps),
                 "after": ratio_quantiles(log_ratio),
             }
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump(json_safe(results), f, indent=2, allow_nan=False)
+    write_json(os.path.join(args.output_dir, "results.json"), results)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(markdown_report(results))
     plot_sequence_spread(results, os.path.join(args.output_dir, "mismatch.png"))
@@ -349,52 +340,56 @@ def ratio_quantiles(log_ratio) -> dict[str, dict[str, float]]:
 
 def markdown_report(results: dict) -> str:
     """Two tables: per-token mismatch, and the sequence log-ratio's standard deviation by prefix length."""
-    lengths = [int(x) for x in results["settings"]["lengths"].split(",")]
-    lines = [
-        "| engine | \\|Δ log p\\| q50 | q90 | q99 | max | k1 KL / token | k3 KL / token |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    lengths = int_list(results["settings"]["lengths"], "lengths")
+    measured = {name: r for name, r in results["engines"].items() if "error" not in r}
+    token_rows = []
     for name, r in results["engines"].items():
-        if "error" in r:
-            lines.append(f"| {name} | did not run: {r['error']} ||||||")
+        if name not in measured:
+            token_rows.append([name, f"did not run: {r['error']}", *[""] * 5])
             continue
         t = r["token"]
         cells = [t["abs_q50"], t["abs_q90"], t["abs_q99"], t["abs_max"], t["k1_kl"], t["k3_kl"]]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.2e}" for v in cells) + " |")
-    lines += ["", "Sequence log-ratio Σ_t (log π − log μ): std over completions [q02, q98] at each length.", ""]
-    lines.append("| engine | " + " | ".join(f"L={n}" for n in lengths) + " |")
-    lines.append("|---|" + "---|" * len(lengths))
-    for name, r in results["engines"].items():
-        if "error" in r:
-            continue
-        cells = [r["sequence"][str(n)] for n in lengths]
-        lines.append(
-            f"| {name} | " + " | ".join(f"{c['std']:.3g} [{c['q02']:.3g}, {c['q98']:.3g}]" for c in cells) + " |"
-        )
+        token_rows.append([name, *(f"{v:.2e}" for v in cells)])
+    sequence_rows = [
+        [name, *(f"{c['std']:.3g} [{c['q02']:.3g}, {c['q98']:.3g}]" for c in (r["sequence"][str(n)] for n in lengths))]
+        for name, r in measured.items()
+    ]
+    token_header = ("engine", "\\|Δ log p\\| q50", "q90", "q99", "max", "k1 KL / token", "k3 KL / token")
+    report = [
+        markdown_table(token_header, token_rows),
+        "",
+        "Sequence log-ratio Σ_t (log π − log μ): std over completions [q02, q98] at each length.",
+        "",
+        markdown_table(("engine", *(f"L={n}" for n in lengths)), sequence_rows),
+    ]
     supported = {name: r["support"] for name, r in results["engines"].items() if "support" in r}
     if supported:
         settings = results["settings"]
-        lines += [
+        report += [
             "",
             f"Truncated sampling (top_p={settings['top_p']}, top_k={settings['top_k']}, min_p={settings['min_p']}): "
             "ratio π/μ before the support replay and after it (π_S/μ_S), quantiles q01 / q50 / q99 per token and "
             f"per whole completion ({settings['max_tokens']} tokens); mean support size |S_t|, fraction of "
             "supports cut at --support_max_tokens, mean kept mass μ(S_t) where the engine reports it.",
             "",
-            "| engine | token before | token after | sequence before | sequence after | \\|S_t\\| | cut | μ(S_t) |",
-            "|---|---|---|---|---|---|---|---|",
         ]
-        for name, r in supported.items():
-            cells = [
-                " / ".join(f"{v:.4g}" for v in r[when][level].values())
-                for level in ("token", "sequence")
-                for when in ("before", "after")
+        support_rows = [
+            [
+                name,
+                *(
+                    " / ".join(f"{v:.4g}" for v in r[when][level].values())
+                    for level in ("token", "sequence")
+                    for when in ("before", "after")
+                ),
+                f"{r['size']:.1f}",
+                f"{r['truncated_frac']:.3f}",
+                f"{r['engine_kept_mass']:.3f}" if "engine_kept_mass" in r else "not reported",
             ]
-            mass = f"{r['engine_kept_mass']:.3f}" if "engine_kept_mass" in r else "not reported"
-            lines.append(
-                f"| {name} | " + " | ".join(cells) + f" | {r['size']:.1f} | {r['truncated_frac']:.3f} | {mass} |"
-            )
-    return "\n".join(lines) + "\n"
+            for name, r in supported.items()
+        ]
+        header = ("engine", "token before", "token after", "sequence before", "sequence after", "\\|S_t\\|", "cut")
+        report.append(markdown_table((*header, "μ(S_t)"), support_rows))
+    return "\n".join(report) + "\n"
 
 
 def plot_sequence_spread(results: dict, output: str) -> None:

@@ -1,4 +1,5 @@
-"""Ratio-envelope plots like the ALP paper's Figure 2, read from runs' ``trainer_state.json``."""
+"""The commands' plots: ratio envelopes like the ALP paper's Figure 2, read from runs' ``trainer_state.json``, and the
+stress test's phase diagram."""
 
 from __future__ import annotations
 
@@ -121,3 +122,53 @@ def draw_envelopes(plotted: dict[str, dict], output: str, level: str = "seq") ->
     fig.savefig(output, dpi=110)
     plt.close(fig)
     return plotted
+
+
+OUTCOME_COLORS = {"learned": "#4caf50", "stalled": "#ffe082", "unstable": "#fb8c00", "collapsed": "#e53935"}
+
+
+def plot_phase_diagram(
+    table: dict[str, dict[str, dict]], cells: list[str], corrections: list[str], outcomes: Sequence[str], path: str
+) -> None:
+    """Write the stress test's correction × cell grid as a PNG, coloured by outcome and annotated with the final
+    reward (mean ± std over seeds).
+
+    Args:
+        table: The aggregated rows by cell and correction (`trl_alp.cli.stress.aggregate`).
+        cells: The columns, weakest mismatch first.
+        corrections: The rows.
+        outcomes: The outcome names, best first (each a key of `OUTCOME_COLORS`).
+        path: Where to write the PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    outcomes = list(outcomes)
+    grid = [
+        [outcomes.index(table[c][k]["outcome"]) if k in table.get(c, {}) else math.nan for c in cells]
+        for k in corrections
+    ]
+    fig, ax = plt.subplots(figsize=(1.9 * len(cells) + 2.5, 0.6 * len(corrections) + 1.6))
+    colors = ListedColormap([OUTCOME_COLORS[o] for o in outcomes])
+    ax.imshow(grid, cmap=colors, vmin=0, vmax=len(outcomes) - 1, aspect="auto")
+    for i, correction in enumerate(corrections):
+        for j, cell in enumerate(cells):
+            row = table.get(cell, {}).get(correction)
+            if row is not None:
+                collapsed = row["outcomes"]["collapsed"]
+                text = f"{row['reward_final']:.2f}±{row['reward_final_std']:.2f}"
+                text += f"\ncollapsed {collapsed}/{row['seeds']}" if collapsed else ""
+                ax.text(j, i, text, ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(cells)), cells, rotation=20)
+    ax.set_yticks(range(len(corrections)), corrections)
+    ax.set_xlabel("mismatch cell (rollout precision - steps per generation - lr), weak → strong")
+    ax.set_title("final reward (mean ± std over seeds), colour = outcome")
+    handles = [Patch(color=OUTCOME_COLORS[o], label=o) for o in outcomes]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import logging
 import math
 import multiprocessing
@@ -28,9 +27,19 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
-from transformers import PrinterCallback, ProgressCallback
 
-from .plot import load_log_history, plot_envelopes, series
+from .experiment import (
+    TRAINING_SETTINGS,
+    LogHistory,
+    comma_list,
+    finite,
+    markdown_table,
+    number,
+    read_json,
+    remove_log_printers,
+    write_json,
+)
+from .plot import load_log_history, plot_envelopes, plot_phase_diagram
 
 logger = logging.getLogger(__name__)
 
@@ -201,26 +210,20 @@ class StressArguments:
             raise ValueError(f"--max_steps must be >= 1, got {self.max_steps}")
         if self.sigma_target is not None and not self.sigma_target > 0:
             raise ValueError(f"--sigma_target must be > 0, got {self.sigma_target}")
-        specs = [c for c in self.corrections.split(",") if c.strip()]
-        if not specs:
-            raise ValueError("--corrections is empty")
-        for spec in specs:
+        for spec in self.correction_list:
             parse_correction(spec)
         for spec in self.cell_list:
             Cell.parse(spec)
 
     @property
     def correction_list(self) -> list[str]:
-        return [c.strip() for c in self.corrections.split(",") if c.strip()]
+        return comma_list(self.corrections, "corrections")
 
     @property
     def cell_list(self) -> list[str]:
         preset = PRESETS[self.preset]
         default = preset.vllm_cells if preset.vllm_cells and _vllm_installed() else preset.cells
-        specs = self.cells.split(",") if self.cells else default
-        cells = [Cell.parse(c) for c in specs if c.strip()]
-        if not cells:
-            raise ValueError("--cells is empty")
+        cells = [Cell.parse(c) for c in (comma_list(self.cells, "cells") if self.cells else default)]
         if any(c.uses_vllm for c in cells) and preset.model == "tiny":
             raise ValueError(
                 f"--cells: the vllm-* cells need a model vLLM accepts; the {self.preset} preset's tiny model has "
@@ -247,22 +250,15 @@ def run_config_kwargs(args: StressArguments, cell: Cell, correction: str, seed: 
         correction=name,
         max_steps=args.max_steps or preset.max_steps,
         learning_rate=cell.learning_rate or preset.learning_rate,
-        lr_scheduler_type="constant",
         per_device_train_batch_size=preset.per_device_train_batch_size,
         num_generations=preset.num_generations,
         steps_per_generation=cell.steps_per_generation,
         max_completion_length=preset.max_completion_length,
-        temperature=1.0,
-        beta=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
         bf16=preset.bf16,
         use_cpu=preset.use_cpu,
-        gradient_checkpointing=False,
         seed=seed,
         data_seed=seed,
-        disable_tqdm=True,
+        **TRAINING_SETTINGS,
         **PRECISIONS[cell.precision],
         **SIGMA_VARIANTS[variant],
     )
@@ -286,14 +282,7 @@ def _load_model(preset: Preset, seed: int):
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
-def _task(preset: Preset, seed: int):
-    from .data import REWARD_FUNCS, arithmetic_dataset, digits_dataset
-
-    if preset.task == "digits":
-        return digits_dataset(512, seed=seed), [REWARD_FUNCS["digit_share"]]
-    return arithmetic_dataset(512, seed=seed), [REWARD_FUNCS["correctness"], REWARD_FUNCS["number_format"]]
-
-
+TRAIN_PROMPTS = 512
 EVAL_PROMPTS = 64
 EVAL_SEED = 12345  # the held-out prompts are the same for every run
 
@@ -348,6 +337,7 @@ def train_one(args: StressArguments, cell_name: str, correction: str, seed: int)
 
     from ..config import ALPConfig
     from ..trainer import ALPGRPOTrainer
+    from .data import load_task
 
     preset, cell = PRESETS[args.preset], Cell.parse(cell_name)
     if preset.use_cpu:
@@ -359,8 +349,8 @@ def train_one(args: StressArguments, cell_name: str, correction: str, seed: int)
     model, tokenizer = _load_model(preset, seed)
     if not preset.use_cpu:
         model.to("cuda")  # the first evaluation runs before the Trainer places the model
-    dataset, rewards = _task(preset, seed)
-    eval_dataset = _task(preset, EVAL_SEED)[0].select(range(EVAL_PROMPTS))
+    dataset, rewards = load_task(preset.task, TRAIN_PROMPTS, seed=seed)
+    eval_dataset = load_task(preset.task, EVAL_PROMPTS, seed=EVAL_SEED)[0]
     max_new = config.max_completion_length
 
     def evaluate() -> float:
@@ -370,8 +360,7 @@ def train_one(args: StressArguments, cell_name: str, correction: str, seed: int)
     trainer = ALPGRPOTrainer(
         model=model, reward_funcs=rewards, args=config, train_dataset=dataset, processing_class=tokenizer
     )
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
+    remove_log_printers(trainer)
     start = time.perf_counter()
     error = None
     try:
@@ -392,7 +381,7 @@ def train_one(args: StressArguments, cell_name: str, correction: str, seed: int)
         "calibration": getattr(trainer, "alp_calibration", None),
         **summarize_history(history, eval_start, eval_final, preset, error=error is not None),
     }
-    _write_json(result_path(args.output_dir, cell.name, correction, seed), result)
+    write_json(result_path(args.output_dir, cell.name, correction, seed), result)
     return result
 
 
@@ -415,14 +404,6 @@ def result_path(output_dir: str, cell: str, correction: str, seed: int) -> str:
     return os.path.join(output_dir, "results", cell, correction, f"seed{seed}.json")
 
 
-def _write_json(path: str, data) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".partial"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, allow_nan=True)
-    os.replace(tmp, path)  # a killed run never leaves a half-written result
-
-
 # -------------------------------------------------------------------------------------------------- analysis
 def summarize_history(
     history: list[dict], reward_start: float, reward_final: float, preset: Preset | None = None, error: bool = False
@@ -432,44 +413,39 @@ def summarize_history(
     margin = preset.margin if preset else PRESETS["cpu"].margin
     kl_bound = preset.kl_bound if preset else PRESETS["cpu"].kl_bound
     entries = [h for h in history if "loss" in h or "reward" in h]
-    _, rewards = series(entries, "reward")
-    _, kl = series(entries, "alp/mismatch/k3_kl")
-    steps_q02, q02 = series(entries, "alp/ratio/seq/q02")
-    _, q98 = series(entries, "alp/ratio/seq/q98")
+    steps = LogHistory(entries)
+    steps_q02, q02 = steps.series("alp/ratio/seq/q02")
+    q98 = steps.values("alp/ratio/seq/q98")
     n = len(entries)
-    nonfinite_steps = [any(k in h and not _finite(h[k]) for k in ("loss", "reward")) for h in entries]
+    nonfinite_steps = [any(k in h and not finite(h[k]) for k in ("loss", "reward")) for h in entries]
     bad = sum(bad or (h.get("alp/clip/dual") or 0.0) > 0 for bad, h in zip(nonfinite_steps, entries, strict=True))
     last_third = max(1, len(q02) // 3)
     widths = [
         math.log(hi) - math.log(lo)
         for lo, hi in zip(q02[-last_third:], q98[-last_third:], strict=True)
-        if lo > 0 and hi > 0 and _finite(lo) and _finite(hi)
+        if lo > 0 and hi > 0 and finite(lo) and finite(hi)
     ]
     summary = {
         "steps": n,
         "reward_start": reward_start,
         "reward_final": reward_final,
-        "train_reward_last": rewards[-1] if rewards else math.nan,
-        "k3_kl_max": max(kl) if kl else math.nan,
-        "k3_kl_final": kl[-1] if kl else math.nan,
+        "train_reward_last": steps.last("reward"),
+        "k3_kl_max": steps.max("alp/mismatch/k3_kl"),
+        "k3_kl_final": steps.last("alp/mismatch/k3_kl"),
         "log_ratio_width": statistics.fmean(widths) if widths else math.nan,
         "bad_step_frac": bad / n if n else math.nan,
-        "nonfinite": any(nonfinite_steps) or error or not _finite(reward_final),
+        "nonfinite": any(nonfinite_steps) or error or not finite(reward_final),
         "history": {
-            "reward": rewards,
-            "k3_kl": kl,
+            "reward": steps.values("reward"),
+            "k3_kl": steps.values("alp/mismatch/k3_kl"),
             "seq_q02": q02,
             "seq_q98": q98,
             "ratio_steps": steps_q02,
-            "sigma_mean": series(entries, "alp/sigma/mean")[1],
+            "sigma_mean": steps.values("alp/sigma/mean"),
         },
     }
     summary["outcome"] = classify(summary, margin, kl_bound)
     return summary
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def classify(summary: dict, margin: float = 0.05, kl_bound: float = 1.0) -> str:
@@ -482,15 +458,15 @@ def classify(summary: dict, margin: float = 0.05, kl_bound: float = 1.0) -> str:
     * ``learned``: the final reward above the start by more than `margin`; else ``stalled``.
     """
     start, final, kl = summary["reward_start"], summary["reward_final"], summary["k3_kl_final"]
-    if summary["nonfinite"] or not _finite(start) or not _finite(final) or final < start - margin:
+    if summary["nonfinite"] or not finite(start) or not finite(final) or final < start - margin:
         return "collapsed"
-    if _finite(kl) and kl > kl_bound:
+    if finite(kl) and kl > kl_bound:
         return "unstable"
     return "learned" if final > start + margin else "stalled"
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if _finite(v)]
+    values = [v for v in values if finite(v)]
     if not values:
         return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -510,16 +486,13 @@ def aggregate(results: list[dict]) -> dict:
     return out
 
 
-def markdown_table(table: dict[str, dict[str, dict]], cells: list[str], corrections: list[str]) -> str:
-    lines = [
-        "| cell | correction | reward start → final | Δ final vs first cell | max k3 KL | final k3 KL | "
-        "log P2–P98 width (seq) | bad steps | outcome (learned/stalled/unstable/collapsed) |",
-        "|" + "---|" * 9,
-    ]
+def results_table(table: dict[str, dict[str, dict]], cells: list[str], corrections: list[str]) -> str:
+    """The stress test's Markdown table: one row per (cell, correction), mean ± std over the seeds."""
 
-    def pm(mean, std, spec=".3f"):
-        return "n/a" if not _finite(mean) else f"{mean:{spec}} ± {std:{spec}}"
+    def pm(mean: float, std: float, spec: str = ".3f") -> str:
+        return f"{mean:{spec}} ± {std:{spec}}" if finite(mean) else "n/a"
 
+    rows = []
     for cell in cells:
         for correction in corrections:
             row = table.get(cell, {}).get(correction)
@@ -528,48 +501,22 @@ def markdown_table(table: dict[str, dict[str, dict]], cells: list[str], correcti
             base = table.get(cells[0], {}).get(correction)
             delta = row["reward_final"] - base["reward_final"] if base else math.nan
             counts = "/".join(str(row["outcomes"][o]) for o in OUTCOMES)
-            lines.append(
-                f"| {cell} | {correction} | {row['reward_start']:.3f} → {pm(row['reward_final'], row['reward_final_std'])}"
-                f" | {'n/a' if not _finite(delta) else f'{delta:+.3f}'}"
-                f" | {pm(row['k3_kl_max'], row['k3_kl_max_std'], '.2g')} | {pm(row['k3_kl_final'], row['k3_kl_final_std'], '.2g')}"
-                f" | {pm(row['log_ratio_width'], row['log_ratio_width_std'], '.2f')} | {row['bad_step_frac']:.2f}"
-                f" | **{row['outcome']}** ({counts}) |"
+            rows.append(
+                [
+                    cell,
+                    correction,
+                    f"{row['reward_start']:.3f} → {pm(row['reward_final'], row['reward_final_std'])}",
+                    number(delta, "+.3f"),
+                    pm(row["k3_kl_max"], row["k3_kl_max_std"], ".2g"),
+                    pm(row["k3_kl_final"], row["k3_kl_final_std"], ".2g"),
+                    pm(row["log_ratio_width"], row["log_ratio_width_std"], ".2f"),
+                    f"{row['bad_step_frac']:.2f}",
+                    f"**{row['outcome']}** ({counts})",
+                ]
             )
-    return "\n".join(lines)
-
-
-def plot_phase_diagram(table: dict[str, dict[str, dict]], cells: list[str], corrections: list[str], path: str) -> None:
-    """Correction × cell grid coloured by outcome, annotated with the final reward (mean ± std)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
-
-    colors = {"learned": "#4caf50", "stalled": "#ffe082", "unstable": "#fb8c00", "collapsed": "#e53935"}
-    grid = [
-        [OUTCOMES.index(table[c][k]["outcome"]) if k in table.get(c, {}) else math.nan for c in cells]
-        for k in corrections
-    ]
-    fig, ax = plt.subplots(figsize=(1.9 * len(cells) + 2.5, 0.6 * len(corrections) + 1.6))
-    ax.imshow(grid, cmap=ListedColormap([colors[o] for o in OUTCOMES]), vmin=0, vmax=len(OUTCOMES) - 1, aspect="auto")
-    for i, correction in enumerate(corrections):
-        for j, cell in enumerate(cells):
-            row = table.get(cell, {}).get(correction)
-            if row is not None:
-                collapsed = row["outcomes"]["collapsed"]
-                text = f"{row['reward_final']:.2f}±{row['reward_final_std']:.2f}"
-                text += f"\ncollapsed {collapsed}/{row['seeds']}" if collapsed else ""
-                ax.text(j, i, text, ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(cells)), cells, rotation=20)
-    ax.set_yticks(range(len(corrections)), corrections)
-    ax.set_xlabel("mismatch cell (rollout precision - steps per generation - lr), weak → strong")
-    ax.set_title("final reward (mean ± std over seeds), colour = outcome")
-    ax.legend(handles=[Patch(color=colors[o], label=o) for o in OUTCOMES], loc="upper left", bbox_to_anchor=(1, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    header = ("cell", "correction", "reward start → final", "Δ final vs first cell", "max k3 KL", "final k3 KL")
+    header += ("log P2–P98 width (seq)", "bad steps", f"outcome ({'/'.join(OUTCOMES)})")
+    return markdown_table(header, rows)
 
 
 def write_report(args: StressArguments) -> dict:
@@ -582,8 +529,7 @@ def write_report(args: StressArguments) -> dict:
             for seed in range(args.seeds):
                 path = result_path(args.output_dir, cell, correction, seed)
                 if os.path.exists(path):
-                    with open(path) as f:
-                        results.append(json.load(f))
+                    results.append(read_json(path))
             if results:
                 table.setdefault(cell, {})[correction] = aggregate(results)
     preset = PRESETS[args.preset]
@@ -598,9 +544,9 @@ def write_report(args: StressArguments) -> dict:
         ),
         "table": table,
     }
-    _write_json(os.path.join(args.output_dir, "results.json"), report)
-    markdown = markdown_table(table, cells, corrections)
-    plot_phase_diagram(table, cells, corrections, os.path.join(args.output_dir, "phase_diagram.png"))
+    write_json(os.path.join(args.output_dir, "results.json"), report)
+    markdown = results_table(table, cells, corrections)
+    plot_phase_diagram(table, cells, corrections, OUTCOMES, os.path.join(args.output_dir, "phase_diagram.png"))
     for cell in cells:
         run_dirs = [os.path.join(args.output_dir, "runs", cell, c, "seed0") for c in corrections]
         present = [(d, c) for d, c in zip(run_dirs, corrections, strict=True) if _has_history(d)]
@@ -643,8 +589,7 @@ def pending_jobs(args: StressArguments) -> tuple[list[tuple[str, str, int]], int
                 if not os.path.exists(path):
                     jobs.append((cell, correction, seed))
                     continue
-                with open(path) as f:
-                    found = json.load(f).get("settings")
+                found = read_json(path).get("settings")
                 if found != expected:
                     raise ValueError(
                         f"{path} was written with other settings ({found}); use a new --output_dir for a new grid"
