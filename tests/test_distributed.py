@@ -139,9 +139,10 @@ def test_engine_on_two_cpu_processes(engine, tmp_path, bypass_reference):
     assert lora[0]["lora_tensors"] > 0 and lora[0]["lora_checksum"] != 0.0
     if engine == "zero3":  # the replay needs the whole LM head outside its forward
         assert "zero3 keeps partitioned" in lora[0]["replay_refused"]
-    else:  # top_k=5 replayed under the engine: 5 ids per token, and on-policy at the first step
+    else:  # top_k=5 replayed under the engine: 5 ids per token; at the first step the ratio is 1 but for ALP's
+        # noise (a numerator or denominator left unreplayed would put it near the kept mass, π(S_t) ≈ 0.02 here)
         assert all(p["support_size"] == [5.0, 5.0] for p in lora)
-        assert lora[0]["token_ratio_q50"][0] == pytest.approx(1.0, abs=1e-5)
+        assert lora[0]["token_ratio_q50"][0] == pytest.approx(1.0, abs=0.05)
 
     # the CLI (`-m trl_alp train`'s main), LoRA, one step: the engine it reports, and a complete output folder
     for rank in ranks:
