@@ -234,11 +234,14 @@ class ALPGRPOTrainer(GRPOTrainer):
             or a custom optimizer with a learned σ.
     """
 
-    # Two flags give TRL's shared log-prob helper, `_get_per_token_logps_and_entropies`, a role per call site, because
-    # TRL calls it from several places with no argument that tells them apart. `_alp_skip_old_pass` is set while TRL
-    # generates and scores a batch: its no-grad "old" pass (which ALP/Bypass do not need) then returns nothing.
-    # `_alp_capture_loss_logps` is set during TRL's own loss under correction="grpo": the loss forward's log-probs are
-    # then kept for ALP's diagnostics. Each is set and reset in a try/finally around one TRL call.
+    # Per-call state gives TRL's shared log-prob helper, `_get_per_token_logps_and_entropies`, a role per call site,
+    # because TRL calls it from several places with no argument that tells them apart. `_alp_skip_old_pass` is set
+    # while TRL generates and scores a batch: its no-grad "old" pass (which ALP/Bypass do not need) then returns
+    # nothing. `_alp_capture_loss_logps` is set during TRL's own loss under correction="grpo": the loss forward's
+    # log-probs are then kept for ALP's diagnostics. Under truncated sampling the rows' supports say which tokens to
+    # replay each pass on: `_alp_rollout_rows` while TRL scores a new batch (its old and reference passes), then
+    # `_alp_support`, the batch's own table, around each `_completion_logps`. Each is set and reset in a try/finally
+    # around one TRL call.
     _alp_skip_old_pass = False
     _alp_capture_loss_logps = False
 
