@@ -133,10 +133,12 @@ def test_pack_supports_keeps_rows_and_token_order():
         [SupportedLogp(-1.0, (5, 6)), 0.0, SupportedLogp(-2.0, (7,))],  # a tool token carries no support
         [SupportedLogp(-3.0, (1, 2, 3))],
     ]
-    ids, counts = pack_supports(rows, width=4)
+    rows[1][0].log_cover = -0.25
+    ids, counts, covers = pack_supports(rows, width=4)
     assert counts.tolist() == [[2, 0, 1, 0], [3, 0, 0, 0]]
     assert ids.tolist() == [[5, 6, 7], [1, 2, 3]]
-    ids, counts = pack_supports(rows, width=2)  # narrower than a row: the table follows the width
+    assert covers.tolist() == [[0.0] * 4, [-0.25, 0.0, 0.0, 0.0]]
+    ids, counts, _ = pack_supports(rows, width=2)  # narrower than a row: the table follows the width
     assert counts.tolist() == [[2, 0], [3, 0]] and ids.tolist() == [[5, 6, -1], [1, 2, 3]]
 
 
@@ -156,9 +158,11 @@ def test_vllm_top_n_entries_become_the_support():
     # top 4 by rank, two of them filtered out (-inf): the support is complete
     value = supported(4)([-0.1, -2.4, -math.inf, -math.inf], [7, 3, 9, 1], 3)
     assert value == -2.4 and value.support == (7, 3) and not value.truncated
-    # all 4 finite: the support may be larger
-    value = supported(4)([-0.5, -1.0, -2.0, -3.0], [7, 3, 9, 1], 7)
+    assert value.log_cover == 0.0
+    # all 4 finite: the support may be larger; the 4 hold this share of μ_S (the cover)
+    value = supported(4)([-1.0, -1.5, -2.0, -3.0], [7, 3, 9, 1], 7)
     assert value.support == (7, 3, 9, 1) and value.truncated
+    assert value.log_cover == pytest.approx(math.log(sum(math.exp(v) for v in (-1.0, -1.5, -2.0, -3.0))))
     # ... unless top_k bounds it to what was returned
     assert not supported(4, bound=4)([-0.5, -1.0, -2.0, -3.0], [7, 3, 9, 1], 7).truncated
     # a sampled token below the top N comes last, with its rank; it is in the support
@@ -286,6 +290,28 @@ def test_without_truncation_nothing_changes(make_trainer, monkeypatch):
     assert not any(k.startswith("alp/support/") for h in trainer.state.log_history for k in h)
     batch = trainer._generate_and_score_completions(PROMPT_ROWS[:4])
     assert "alp_support_ids" not in batch
+
+
+def test_a_cut_support_is_exact_on_policy_through_its_cover(make_trainer):
+    """Supports of the flat random model hold ~290 tokens at top_p 0.8; kept to 8 ids, the engine's cover of them
+    restores log π(S_t) exactly on-policy, so Bypass stays at ratio 1 (without it: ~1.3, see the next test)."""
+    trainer = train_one_step(make_trainer, correction="token-bypass", top_p=0.8, alp_support_max_tokens=8)
+    assert last_logged(trainer, "alp/support/truncated_frac") == 1.0
+    assert last_logged(trainer, "alp/support/size") <= 9
+    assert_token_ratio_is_one(trainer)
+
+
+def test_the_cover_is_what_makes_a_cut_support_exact():
+    g = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(1, 4, generator=g), torch.randn(20, 4, generator=g)
+    z = hidden @ weight.T
+    support = z[0].topk(12).indices  # S_t, cut to its 5 most probable ids
+    head, y = support[:5], support[0]
+    cover = torch.logsumexp(torch.log_softmax(z[0, support], 0)[:5], 0)  # μ_S(head) with μ = π
+    args = (hidden, weight, None, y[None], torch.tensor([5]), head)
+    exact = z[0, y] - torch.logsumexp(z[0, support], 0)
+    assert replayed_log_probs(*args, log_cover=cover[None]).item() == pytest.approx(exact.item(), abs=1e-5)
+    assert replayed_log_probs(*args).item() > exact.item() + 0.05  # the head alone overstates π_S(y)
 
 
 def test_the_reference_pass_is_replayed_too(make_trainer):

@@ -57,8 +57,9 @@ class SampledLogprobRecorder(LogitsProcessor):
         self._steps: list[torch.Tensor] = []
         self._support_steps: list[tuple[torch.Tensor, ...]] = []
         self.results: list[torch.Tensor] = []  # one (batch, new_tokens) tensor per finished `generate` call
-        # per call, with warpers: (ids (batch, new_tokens, max_support + 1), -1 padded; size; log kept mass)
-        self.supports: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # per call, with warpers: ids (batch, new_tokens, max_support + 1), -1 padded; the support's size, log kept
+        # mass and log cover (`trl_alp.support`), each (batch, new_tokens)
+        self.supports: list[tuple[torch.Tensor, ...]] = []
 
     def _close_step(self, sampled: torch.Tensor) -> None:
         self._steps.append(self._pending.gather(-1, sampled).squeeze(-1))
@@ -66,7 +67,10 @@ class SampledLogprobRecorder(LogitsProcessor):
             ids, log_mass, size = self._pending_support
             missing = ~(ids == sampled).any(-1, keepdim=True)  # a truncated support may not hold the sampled token
             ids = torch.cat([ids, torch.where(missing, sampled, -1)], dim=-1)
-            self._support_steps.append((ids, size, log_mass))
+            stored = self._pending.gather(-1, ids.clamp(min=0)).masked_fill(ids < 0, -torch.inf)
+            cut = size > (ids >= 0).sum(-1)  # log cover: the share of μ_S the stored ids hold (0: all of it)
+            log_cover = torch.where(cut, torch.logsumexp(stored, dim=-1).clamp(max=0.0), 0.0)
+            self._support_steps.append((ids, size, log_mass, log_cover))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self._pending is not None:  # the last column of input_ids is the token sampled from `_pending`
@@ -93,7 +97,7 @@ class SampledLogprobRecorder(LogitsProcessor):
             else:
                 rows = sequences.size(0)
                 empty = sequences.new_zeros((rows, 0))
-                self.supports.append((sequences.new_full((rows, 0, 1), -1), empty, empty.float()))
+                self.supports.append((sequences.new_full((rows, 0, 1), -1), empty, empty.float(), empty.float()))
         self._pending, self._pending_support, self._steps, self._support_steps = None, None, [], []
         self.results.append(logps)
         return logps

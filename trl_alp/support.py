@@ -6,11 +6,16 @@ whole vocabulary, so ``π(y) / μ_S(y)`` is off by the kept mass on every token 
 compares like with like: ``log π_S(y) = z_y − logsumexp_{v ∈ S_t} z_v`` (``z`` the temperature-scaled logits), the
 policy restricted to the support the engine sampled from.
 
-The rollout side records S_t per token (the sampled token and the top kept tokens, at most ``max_tokens`` of them;
-a larger support is kept in part and counted as truncated), carried through TRL's lists as `SupportedLogp` floats
+The rollout side records S_t per token (the sampled token and the top kept tokens, at most ``max_tokens`` of them),
+carried through TRL's lists as `SupportedLogp` floats
 and into the batch as a row-padded id table (`pack_supports`). The training side gathers the LM-head rows of S_t
 only (``|S_t| × hidden`` per token, never ``vocab``), in chunks under activation checkpointing
 (`replayed_log_probs`).
+
+A support larger than ``max_tokens`` is cut: its head H (the kept ids) is replayed and the engine says how much of
+S_t's mass the head holds, ``c = μ_S(H)`` (its *cover*), so ``log π(S_t) ≈ log π(H) − log c``. That is exact when the
+policy and the engine split S_t's mass between head and tail alike (on-policy), an approximation otherwise; the cut
+fraction is logged.
 """
 
 from __future__ import annotations
@@ -37,14 +42,22 @@ class SupportedLogp(float):
     support: tuple[int, ...]
     truncated: bool  # the support held more tokens than were kept
     log_mass: float  # log μ(S_t), the engine's kept mass (NaN where the engine does not report it: vLLM)
+    log_cover: float  # log μ_S(kept ids): 0 for a whole support, below 0 for a cut one
 
-    def __new__(cls, value: float, support: tuple[int, ...], truncated: bool = False, log_mass: float = math.nan):
+    def __new__(
+        cls,
+        value: float,
+        support: tuple[int, ...],
+        truncated: bool = False,
+        log_mass: float = math.nan,
+        log_cover: float = 0.0,
+    ):
         self = super().__new__(cls, value)
-        self.support, self.truncated, self.log_mass = support, truncated, log_mass
+        self.support, self.truncated, self.log_mass, self.log_cover = support, truncated, log_mass, log_cover
         return self
 
     def __reduce__(self):  # pickled across processes (TRL gathers vLLM outputs) with its support
-        return (SupportedLogp, (float(self), self.support, self.truncated, self.log_mass))
+        return (SupportedLogp, (float(self), self.support, self.truncated, self.log_mass, self.log_cover))
 
 
 def truncates(top_k: int | None, top_p: float, min_p: float | None) -> bool:
@@ -92,10 +105,11 @@ def support_from_top_logprobs(
     sampled = values[ids.index(token)]
     if sampled is None:
         return None
-    support = tuple(i for i, v in zip(ids, values, strict=True) if v is not None and v > -math.inf)
+    kept = [(i, v) for i, v in zip(ids, values, strict=True) if v is not None and v > -math.inf]
     top = values[:top_n]
     complete = any(v is None or v == -math.inf for v in top) or len(top) < top_n or top_n >= bound
-    return SupportedLogp(sampled, support, truncated=not complete)
+    cover = 0.0 if complete else min(0.0, math.log(math.fsum(math.exp(v) for _, v in kept)))
+    return SupportedLogp(sampled, tuple(i for i, _ in kept), not complete, log_cover=cover)
 
 
 def support_stats(rows: list[list[float]]) -> dict[str, float]:
@@ -113,26 +127,29 @@ def support_stats(rows: list[list[float]]) -> dict[str, float]:
     return stats
 
 
-def pack_supports(rows: list[list[float]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_supports(rows: list[list[float]], width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row-padded support table of a batch's rollout log-probs.
 
-    Returns ``ids (batch, L)`` (each row's supports concatenated in token order, ``-1`` padding) and ``counts (batch,
-    width)`` (support size per completion token; 0 where the value carries no support: tool output, padding).
-    Rows stay rows, so TRL's shuffling and splitting of the batch keep the table aligned.
+    Returns ``ids (batch, L)`` (each row's supports concatenated in token order, ``-1`` padding), ``counts (batch,
+    width)`` (support size per completion token; 0 where the value carries no support: tool output, padding) and
+    ``covers (batch, width)`` (each support's log cover). Rows stay rows, so TRL's shuffling and splitting of the batch
+    keep the table aligned.
     """
     counts = torch.zeros((len(rows), width), dtype=torch.long)
+    covers = torch.zeros((len(rows), width))
     flat: list[list[int]] = []
     for b, row in enumerate(rows):
         ids: list[int] = []
         for t, value in enumerate(row[:width]):
             support = getattr(value, "support", ())
             counts[b, t] = len(support)
+            covers[b, t] = getattr(value, "log_cover", 0.0)
             ids.extend(support)
         flat.append(ids)
     table = torch.full((len(rows), max([len(ids) for ids in flat] + [1])), -1, dtype=torch.long)
     for b, ids in enumerate(flat):
         table[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return table, counts
+    return table, counts, covers
 
 
 def _scaled_logits(hidden, weight, bias, ids, temperature, logit_scale, softcap):
@@ -166,6 +183,7 @@ def replayed_log_probs(
     temperature: float = 1.0,
     logit_scale: float = 1.0,
     softcap: float | None = None,
+    log_cover: torch.Tensor | None = None,
     chunk_ids: int = CHUNK_IDS,
 ) -> torch.Tensor:
     """``log π_S(y) = z_y − logsumexp_{v ∈ S_t} z_v`` per token, differentiable in `hidden`, `weight` and `bias`.
@@ -177,6 +195,8 @@ def replayed_log_probs(
         counts: ``(N,)`` support size per token; tokens with 0 get 0.
         ids: ``(sum(counts),)`` the supports' ids, token after token.
         temperature, logit_scale, softcap: TRL's fused-head transform of the logits.
+        log_cover: ``(N,)`` log μ_S of each token's ids where its support was cut (0 elsewhere): the replay then
+            takes ``log π(S_t) ≈ log π(ids) − log_cover``.
         chunk_ids: ids per checkpointed chunk (its gathered weight rows are recomputed in backward, never kept).
     """
     num_tokens = targets.numel()
@@ -195,6 +215,8 @@ def replayed_log_probs(
         )
         first = last
     log_norm = torch.cat(parts) if parts else target_z.new_zeros(0)
+    if log_cover is not None:
+        log_norm = log_norm - log_cover.to(log_norm)
     return torch.where(counts > 0, target_z - log_norm, 0.0)
 
 
@@ -218,6 +240,7 @@ def replay_forward(
     logits_to_keep: int,
     ids: torch.Tensor,
     counts: torch.Tensor,
+    covers: torch.Tensor,
     temperature: float,
 ) -> Iterator[list[torch.Tensor]]:
     """Within the context, each forward of `causal_lm` (TRL runs one per chunk of rows, in order) also replays the
@@ -249,6 +272,7 @@ def replay_forward(
             temperature,
             scale,
             softcap,
+            covers[start : start + rows].reshape(-1).to(weight.device),
         )
         results.append(replayed.view(rows, logits_to_keep))
 

@@ -80,6 +80,9 @@ TRL_METHODS = {
     "get_high_entropy_mask": ("self", "entropies", "mask", "threshold"),
 }
 
+# The batch's support table under truncated sampling (`support.pack_supports`): ids, counts and log covers.
+SUPPORT_KEYS = ("alp_support_ids", "alp_support_counts", "alp_support_cover")
+
 # Extra model inputs (multimodal) that TRL forwards to `_get_per_token_logps_and_entropies` in the loss.
 _FORWARD_KEYS = (
     "pixel_values",
@@ -286,7 +289,7 @@ class ALPGRPOTrainer(GRPOTrainer):
         # Sampling-support replay (top_k/top_p/min_p): the rollout rows' supports while a generation batch is
         # scored (TRL's old and reference passes), then the batch's own table (`_completion_logps`).
         self._alp_rollout_rows: list[list[float]] | None = None
-        self._alp_support: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._alp_support: tuple[torch.Tensor, ...] | None = None
         self._alp_support_full_logps: torch.Tensor | None = None
         self._alp_warned_no_support = False
         support_tokens, support_bound = 0, None
@@ -500,14 +503,13 @@ class ALPGRPOTrainer(GRPOTrainer):
         rows = [row[: len(ids)].tolist() for row, ids in zip(logps, completion_ids, strict=True)]
         if warpers is None:
             return completion_ids, rows
-        support_ids, sizes, log_masses = (t.cpu().tolist() for t in recorder.supports[-1])
-        cap = self.args.alp_support_max_tokens
+        ids, sizes, masses, covers = (t.cpu().tolist() for t in recorder.supports[-1])
         return completion_ids, [
             [
-                SupportedLogp(value, tuple(i for i in kept if i >= 0), size > cap, log_mass)
-                for value, kept, size, log_mass in zip(row, row_ids, row_sizes, row_masses)
+                SupportedLogp(value, support := tuple(i for i in kept if i >= 0), size > len(support), mass, cover)
+                for value, kept, size, mass, cover in zip(*token_values)
             ]
-            for row, row_ids, row_sizes, row_masses in zip(rows, support_ids, sizes, log_masses, strict=True)
+            for token_values in zip(rows, ids, sizes, masses, covers, strict=True)
         ]
 
     def _generate(self, prompts):
@@ -544,9 +546,9 @@ class ALPGRPOTrainer(GRPOTrainer):
         try:
             output = super()._generate_and_score_completions(inputs)
             if self._alp_rollout_rows is not None:  # rows travel with the batch through TRL's shuffles and splits
-                ids, counts = pack_supports(self._alp_rollout_rows, output["completion_ids"].size(1))
-                output["alp_support_ids"] = ids.to(self.accelerator.device)
-                output["alp_support_counts"] = counts.to(self.accelerator.device)
+                table = pack_supports(self._alp_rollout_rows, output["completion_ids"].size(1))
+                for key, value in zip(SUPPORT_KEYS, table, strict=True):
+                    output[key] = value.to(self.accelerator.device)
             return output
         finally:
             self._alp_skip_old_pass = False
@@ -579,8 +581,9 @@ class ALPGRPOTrainer(GRPOTrainer):
     def _replayed_logps_and_entropies(self, model, support, input_ids, attention_mask, logits_to_keep, *args, **kw):
         """TRL's pass, with each completion token's log-prob replayed on its sampling support (`trl_alp.support`);
         tokens without a support (tool output, padding) keep TRL's value. Entropies stay over the whole vocabulary."""
-        ids, counts = support
-        with replay_forward(unwrap_model(model), input_ids, logits_to_keep, ids, counts, self.temperature) as replayed:
+        ids, counts, covers = support
+        replay = replay_forward(unwrap_model(model), input_ids, logits_to_keep, ids, counts, covers, self.temperature)
+        with replay as replayed:
             logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *args, **kw
             )
@@ -592,8 +595,8 @@ class ALPGRPOTrainer(GRPOTrainer):
     def _completion_logps(self, model, inputs, **kwargs):
         """Per-token log-probs (and optionally entropies / aux loss) of a batch's completion tokens."""
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
-        if "alp_support_ids" in inputs:
-            self._alp_support = (inputs["alp_support_ids"], inputs["alp_support_counts"])
+        if SUPPORT_KEYS[0] in inputs:
+            self._alp_support = tuple(inputs[key] for key in SUPPORT_KEYS)
         try:
             return self._get_per_token_logps_and_entropies(
                 model,

@@ -236,12 +236,14 @@ def sample_generate(model, engine: dict, prompts: list[list[int]], args: Mismatc
             if warpers is None:
                 for row, value in zip(rows, values, strict=True):
                     row.append(value)
-            else:  # log μ_S(y) with its support and log μ(S_t)
+            else:  # log μ_S(y) with its support, log μ(S_t) and, for a cut support, its log cover
                 for b, row in enumerate(rows):
                     y = int(token[b, 0])
                     support = tuple(i for i in kept[b].tolist() if i >= 0)
                     support += () if y in support else (y,)
-                    row.append(SupportedLogp(values[b], support, int(size[b]) > len(support), float(log_mass[b])))
+                    cut = int(size[b]) > len(support)
+                    cover = min(0.0, torch.logsumexp(logp[b, list(support)], 0).item()) if cut else 0.0
+                    row.append(SupportedLogp(values[b], support, cut, float(log_mass[b]), cover))
             ids, past = token, out.past_key_values
             mask = torch.cat([mask, mask.new_ones((mask.size(0), 1))], dim=1)
             positions = positions[:, -1:] + 1
@@ -263,7 +265,7 @@ def training_logps(model, prompts: list[list[int]], completions: list[list[int]]
                 replayed.append(
                     torch.stack(
                         [
-                            logits[t, y] - torch.logsumexp(logits[t, list(value.support)], 0)
+                            logits[t, y] - torch.logsumexp(logits[t, list(value.support)], 0) + value.log_cover
                             if isinstance(value, SupportedLogp)
                             else torch.tensor(math.nan)
                             for t, (y, value) in enumerate(zip(completion, supports[b], strict=True))
