@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .bench import _profiled_tensor_peak, stats
+from .bench import _minor_page_faults, _profiled_tensor_peak, stats
 
 logger = logging.getLogger(__name__)
 
@@ -212,16 +212,19 @@ class MicroStep:
         return time.perf_counter(), time.process_time()
 
     def timed(self, arm: str) -> dict:
-        """Run `arm` once; its wall and CPU seconds (and on CUDA its peak tensor bytes above the start)."""
+        """Run `arm` once: its wall and CPU seconds, minor page faults (memory mapped afresh) and, on CUDA, its peak
+        tensor bytes above the start."""
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             start_bytes = torch.cuda.memory_allocated()
+        faults = _minor_page_faults()
         wall, cpu = self.now()
         self.run(arm)
         wall_end, cpu_end = self.now()
         record = {
             "wall_s": wall_end - wall,
             "cpu_s": cpu_end - cpu,
+            "minor_page_faults": None if faults is None else _minor_page_faults() - faults,
             "noise_applications": sum(self.perturbation.applied),
         }
         if self.cuda:
@@ -405,6 +408,7 @@ def run_ab(args: ABArguments, step_factory: Callable[[ABArguments], MicroStep] =
                 "description": ARMS[arm],
                 "wall_s": stats([r["wall_s"] for r in by_arm[arm]]),
                 "cpu_s": stats([r["cpu_s"] for r in by_arm[arm]]),
+                "minor_page_faults": stats([float(r["minor_page_faults"] or 0) for r in by_arm[arm]]),
                 **checks[arm],
                 "noise_applications_timed": sorted({r["noise_applications"] for r in by_arm[arm]}),
                 **({"peak_tensor_bytes": memory[arm]} if arm in memory else {}),
@@ -459,16 +463,17 @@ def format_table(results: dict) -> str:
         )
     lines += [
         "",
-        "| arm | what | wall s per micro-step | CPU s | peak tensor MiB | noise per micro-step (σ gradient) |",
-        "|---|---|---|---|---|---|",
+        "| arm | what | wall s per micro-step | CPU s | minor page faults | peak tensor MiB | noise per micro-step "
+        "(σ gradient) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for arm, row in results["arms"].items():
         memory = f"{row['peak_tensor_bytes']['median'] / 2**20:.1f}" if "peak_tensor_bytes" in row else "–"
         grad = row["sigma_grad_abs_sum"]
         noise = f"{row['noise_applications']} applications ({'none' if grad is None else f'Σ|dL/dσ| {grad:.3g}'})"
         lines.append(
-            f"| {arm} | {row['description']} | {_spread(row['wall_s'])} | {_spread(row['cpu_s'])} | {memory} | "
-            f"{noise} |"
+            f"| {arm} | {row['description']} | {_spread(row['wall_s'])} | {_spread(row['cpu_s'])} | "
+            f"{row['minor_page_faults']['median']:.0f} | {memory} | {noise} |"
         )
     return "\n".join(lines)
 
