@@ -94,7 +94,10 @@ class ABArguments:
         metadata={"help": "Peak tensor memory per arm (on CPU one extra profiled run per arm, untimed)."},
     )
     profile: bool = field(
-        default=False, metadata={"help": "Write the torch.profiler op table of each arm's memory run (CPU)."}
+        default=False,
+        metadata={
+            "help": "Write the torch.profiler op table of one extra, untimed run per arm (CPU: its memory run)."
+        },
     )
     threads: int = field(
         default=1, metadata={"help": "torch intra-op threads (0: torch's default; 1 on a shared machine)."}
@@ -369,7 +372,7 @@ def run_ab(args: ABArguments, step_factory: Callable[[ABArguments], MicroStep] =
             record["wall_s"],
         )
     memory = {}
-    if args.memory:
+    if args.memory or args.profile:
         for arm in arms:
             if step.cuda:
                 memory[arm] = stats([float(r["peak_tensor_bytes"]) for r in by_arm[arm]])
@@ -473,7 +476,7 @@ def format_table(results: dict) -> str:
     for arm, row in results["arms"].items():
         memory = f"{row['peak_tensor_bytes']['median'] / 2**20:.1f}" if "peak_tensor_bytes" in row else "–"
         grad = row["sigma_grad_abs_sum"]
-        noise = f"{row['noise_applications']} applications ({'none' if grad is None else f'Σ|dL/dσ| {grad:.3g}'})"
+        noise = f"{row['noise_applications']} applications ({'none' if grad is None else f'‖dL/dσ‖₁ {grad:.3g}'})"
         lines.append(
             f"| {arm} | {row['description']} | {_spread(row['wall_s'])} | {_spread(row['cpu_s'])} | "
             f"{row['minor_page_faults']['median']:.0f} | {memory} | {noise} |"
