@@ -8,7 +8,7 @@ Two properties make this cheap and safe:
 
 * ε is drawn from a generator seeded by ``(seed, global step, micro step, layer, rank)``, so any recomputation
   (activation checkpointing that re-runs hooks) gets the identical noise, and backward regenerates ε instead of
-  storing it: no extra activation memory.
+  storing it (or takes the ε that the recomputation just before it drew, `NoiseStash`): no extra activation memory.
 * Hooks exist only inside :meth:`LayerPerturbation.active` and fire only when gradients are enabled and the
   perturbation is not :meth:`~LayerPerturbation.suspended`, so generation, old/reference log-prob passes and
   evaluation are never perturbed (σ calibration alone forces them on for its no-grad forwards, :meth:`forced`).
