@@ -95,7 +95,8 @@ def test_optimizer_step_runs_are_undone(tmp_path):
     weights = [p.detach().clone() for p in step.model.parameters()]
     moments = [s["exp_avg"].clone() for s in step.alp.optimizer.optimizer.state.values()]
     for arm in ARMS:
-        step.run(arm)
+        noise = step.run(arm, check=True)
+        assert (noise["sigma_grad_abs_sum"] is not None) == (arm in ("alp", "grpo-noise")), arm  # before the step
         assert any(not torch.equal(w, p) for w, p in zip(weights, step.model.parameters())), arm  # it stepped
         step.reset()
         assert all(torch.equal(w, p) for w, p in zip(weights, step.model.parameters())), arm

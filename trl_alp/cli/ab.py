@@ -165,8 +165,8 @@ class MicroStep:
             self._saved = [(t, t.detach().clone()) for t in tensors]
         self.reset()
 
-    def run(self, arm: str) -> None:
-        """One micro-step of `arm` (see `ARMS`)."""
+    def run(self, arm: str, check: bool = False) -> dict | None:
+        """One micro-step of `arm` (see `ARMS`); with `check`, whether it drew noise (`noise_check`)."""
         from trl import GRPOTrainer
 
         trainer = self.grpo if arm.startswith("grpo") else self.alp
@@ -179,6 +179,7 @@ class MicroStep:
                 trainer.training_step(self.model, self.batch, self.num_items)
         else:
             trainer.training_step(self.model, self.batch, self.num_items)
+        noise = self.noise_check() if check else None  # before the optimizer step drops σ's gradient
         if self.optimizer_step:
             if trainer.args.max_grad_norm > 0:
                 trainer._clip_grad_norm(self.model)
@@ -187,9 +188,10 @@ class MicroStep:
             trainer.optimizer.step()
             trainer.control = trainer.callback_handler.on_optimizer_step(args, state, trainer.control)
             self.model.zero_grad()
+        return noise
 
     def noise_check(self) -> dict:
-        """Whether the last run drew noise: hook applications and σ's gradient (before `reset`)."""
+        """Whether the current run drew noise: hook applications and σ's gradient."""
         grad = self.perturbation.log_sigma.grad
         return {
             "noise_applications": sum(self.perturbation.applied),
@@ -352,8 +354,7 @@ def run_ab(args: ABArguments, step_factory: Callable[[ABArguments], MicroStep] =
     checks = {}
     for arm in arms:
         for _ in range(args.warmup):
-            step.run(arm)
-            checks[arm] = step.noise_check()  # from the last warm-up run, before its gradients are reset
+            checks[arm] = step.run(arm, check=True)
             step.reset()
     pairs: list[list[list[dict]]] = [[[{}, {}] for _ in range(args.pairs)] for _ in comparisons]
     by_arm: dict[str, list[dict]] = {arm: [] for arm in arms}
