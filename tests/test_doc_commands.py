@@ -7,7 +7,8 @@ the Makefile's install itself.
 The commands run in order, in one scratch folder (the `plot` example reads the run folder the first `train` example
 wrote). Quick variants: `train` stops after at most 2 steps (4 when it saves checkpoints, so a resume example has one
 to resume from) of 4 completions of ≤ 8 tokens for 1 prompt; `demo` runs the tiny model for 1 step of `seq-alp` (the SmolLM2 demo is the same code on another model; its loader is tested in test_models.py); `bench`
-measures 1 cycle, no warm-up, 1 repeat of 4 completions, full fine-tuning, one scenario; `stress` trains one cell of one correction for one seed and step. Commands that need the Hugging Face Hub (for model or data) are only parsed
+measures 1 cycle, no warm-up, 1 repeat of 4 completions, full fine-tuning, one scenario (`bench --mode ab`: 1 warm-up
+run and 1 pair per comparison of 4 completions, full fine-tuning); `stress` trains one cell of one correction for one seed and step. Commands that need the Hugging Face Hub (for model or data) are only parsed
 and validated (recipe, every field, rewards), with `--bf16 false --use_cpu true` for this CPU machine, and their test
 id says so.
 """
@@ -88,6 +89,12 @@ def _quick(argv: list[str]) -> list[str]:
         if not cli._value(argv, "output_dir"):  # one folder per preset: a grid refuses results of other settings
             argv = _set(argv, "output_dir", f"stress-{cli._value(argv, 'preset') or 'cpu'}")
         return _set(argv, "workers", "1")
+    if command == "bench" and cli._value(argv, "mode") == "ab":  # one pair per comparison; see test_bench_ab.py
+        quick = {"model": "tiny", "finetune": "full", "completions": "4", "num_generations": "2", "pairs": "1"}
+        quick |= {"warmup": "1", "threads": "1"}
+        for flag, value in quick.items():
+            argv = _set(argv, flag, value)
+        return _set(argv, "max_completion_length", "4")
     if command == "bench":
         quick = {"model": "tiny", "finetune": "full", "cycles": "1", "warmup": "0", "repeats": "1", "threads": "1"}
         quick |= {"completions": "4", "num_generations": "2", "scenarios": "no-correction"}

@@ -5,9 +5,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import trl_alp.perturbation as perturbation_module
 from trl_alp.cli.tiny import TINY_CONFIGS, build_tiny_model
 from trl_alp.perturbation import (
     LayerPerturbation,
+    NoiseStash,
     add_seeded_noise,
     find_decoder_layers,
     hidden_rms,
@@ -256,6 +258,51 @@ def test_noise_identical_under_both_checkpointing_styles():
     assert applied == [1, 1]
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(sigma, ref_sigma)
+
+
+def _checkpointed_run(relative: bool):
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([Block(), Block()])
+    hidden = torch.randn(2, 4, 8)
+    perturbation = LayerPerturbation(blocks, [0, 1], init_sigma=0.3, relative=relative)
+    with perturbation.active(5, 1):
+        out = hidden
+        for block in blocks:
+            out = CheckpointWrapper(block)(out)  # the hooks re-run in the recomputation
+        out.pow(2).sum().backward()
+        assert perturbation.applied == [2, 2]
+    grads = [p.grad for block in blocks for p in block.parameters()]
+    return out.detach(), grads, perturbation.log_sigma.grad, perturbation
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_recomputation_hands_its_noise_to_the_backward_bit_for_bit(monkeypatch, relative):
+    """Where checkpointing re-runs the hooks, each layer draws ε twice (forward, recomputation) instead of three times:
+    the backward takes the recomputation's ε, and everything matches the path that draws it again, to the bit."""
+    draws = []
+    original = perturbation_module.seeded_noise
+    monkeypatch.setattr(perturbation_module, "seeded_noise", lambda *args: draws.append(args[1]) or original(*args))
+    out, grads, sigma_grad, perturbation = _checkpointed_run(relative)
+    assert len(draws) == 4 and len(set(draws)) == 2  # two layers, each: forward and recomputation, one seed
+    assert perturbation._stash._entries == {}  # taken by the backward (and cleared when the hooks go)
+
+    draws.clear()
+    monkeypatch.setattr(NoiseStash, "take", lambda *args: None)  # the backward draws ε again
+    ref_out, ref_grads, ref_sigma_grad, _ = _checkpointed_run(relative)
+    assert len(draws) == 6
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    torch.testing.assert_close(sigma_grad, ref_sigma_grad, rtol=0, atol=0)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_stash_gives_only_the_noise_of_the_same_seed_and_shape():
+    stash, noise = NoiseStash(), torch.randn(2, 3)
+    stash.keep(7, noise)
+    assert stash.take(8, noise.shape, noise.device) is None
+    assert stash.take(7, torch.Size([3, 2]), noise.device) is None
+    assert stash.take(7, noise.shape, noise.device) is noise
+    assert stash.take(7, noise.shape, noise.device) is None  # taken once
 
 
 def test_invalid_init_sigma():

@@ -8,7 +8,7 @@ Two properties make this cheap and safe:
 
 * ε is drawn from a generator seeded by ``(seed, global step, micro step, layer, rank)``, so any recomputation
   (activation checkpointing that re-runs hooks) gets the identical noise, and backward regenerates ε instead of
-  storing it: no extra activation memory.
+  storing it (or takes the ε that the recomputation just before it drew, `NoiseStash`): no extra activation memory.
 * Hooks exist only inside :meth:`LayerPerturbation.active` and fire only when gradients are enabled and the
   perturbation is not :meth:`~LayerPerturbation.suspended`, so generation, old/reference log-prob passes and
   evaluation are never perturbed (σ calibration alone forces them on for its no-grad forwards, :meth:`forced`).
@@ -185,45 +185,88 @@ def seeded_noise(shape: torch.Size, seed: int, device: torch.device) -> torch.Te
     return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
 
 
+class NoiseStash:
+    """The unit noise ε that a recomputed forward drew, kept for the backward that follows it (one per device).
+
+    Where activation checkpointing re-runs the hooks (transformers < 5.18, FSDP's checkpoint wrapper), a layer's
+    recomputation runs right before its backward: keeping ε there saves the backward its own draw, for one
+    hidden-state tensor alive during that layer's backward. An entry is taken only with the same seed and shape, so
+    it is always the ε the backward would draw.
+    """
+
+    def __init__(self):
+        self._entries: dict[torch.device, tuple[int, torch.Tensor]] = {}
+
+    def keep(self, seed: int, noise: torch.Tensor) -> None:
+        self._entries[noise.device] = (seed, noise)
+
+    def take(self, seed: int, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+        entry = self._entries.get(device)
+        if entry is None or entry[0] != seed or entry[1].shape != shape:
+            return None
+        del self._entries[device]
+        return entry[1]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 class _AddSeededNoise(torch.autograd.Function):
-    """``h + σ · s · ε`` whose backward regenerates ε from its seed instead of saving it.
+    """``h + σ · s · ε`` whose backward regenerates ε from its seed (or takes it from a `NoiseStash`) instead of
+    saving it.
 
     ``s`` is an optional detached per-token scale (relative σ); dL/dσ = Σ dL/dh' · s · ε. The noise buffer is
-    scaled in place and becomes the output (fp32 hidden states) so no second hidden-sized tensor is allocated; the
-    values are those of ``hidden + (σ · s · ε).to(hidden.dtype)``.
+    scaled in place and becomes the output so no other hidden-sized tensor is allocated (in backward, the product
+    with the gradient is taken in place too); the values are those of ``hidden + (σ · s · ε).to(hidden.dtype)``.
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, sigma: torch.Tensor, seed: int, scale: torch.Tensor | None):
-        ctx.seed, ctx.shape, ctx.device = seed, hidden.shape, hidden.device
+    def forward(ctx, hidden, sigma, seed, scale, stash, keep):
+        ctx.seed, ctx.shape, ctx.device, ctx.stash = seed, hidden.shape, hidden.device, stash
         ctx.save_for_backward(scale)
         noise = seeded_noise(hidden.shape, seed, hidden.device)
-        if scale is not None:
-            noise.mul_(scale)
-        noise.mul_(sigma.float())
-        if hidden.dtype == torch.float32:
-            return noise.add_(hidden)
-        return hidden + noise.to(hidden.dtype)
+        if keep:  # a recomputation: ε stays as drawn for the backward, the scaled noise gets a buffer of its own
+            stash.keep(seed, noise)
+            noise = noise * (scale if scale is not None else sigma.float())
+            if scale is not None:
+                noise.mul_(sigma.float())
+        else:
+            if scale is not None:
+                noise.mul_(scale)
+            noise.mul_(sigma.float())
+        if hidden.dtype != torch.float32:
+            noise = noise.to(hidden.dtype)
+        return noise.add_(hidden)
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx, grad_output):
         grad_sigma = None
         if ctx.needs_input_grad[1]:
             (scale,) = ctx.saved_tensors
-            noise = seeded_noise(ctx.shape, ctx.seed, ctx.device)
+            noise = ctx.stash.take(ctx.seed, ctx.shape, ctx.device) if ctx.stash is not None else None
+            if noise is None:
+                noise = seeded_noise(ctx.shape, ctx.seed, ctx.device)
             if scale is not None:
                 noise.mul_(scale)
             # a hidden-sized product then a sum (not a fused dot: its other summation order changes σ's gradient in
             # the last bits, and with it every later step of a run)
-            grad_sigma = (grad_output.float() * noise).sum().reshape(1)
-        return grad_output, grad_sigma, None, None
+            grad_sigma = noise.mul_(grad_output).sum().reshape(1)
+        return grad_output, grad_sigma, None, None, None, None
 
 
 def add_seeded_noise(
-    hidden: torch.Tensor, sigma: torch.Tensor, seed: int, scale: torch.Tensor | None = None
+    hidden: torch.Tensor,
+    sigma: torch.Tensor,
+    seed: int,
+    scale: torch.Tensor | None = None,
+    stash: NoiseStash | None = None,
+    keep: bool = False,
 ) -> torch.Tensor:
-    """Return ``hidden + sigma * scale * ε(seed)``, differentiable in `hidden` and `sigma` (a one-element tensor)."""
-    return _AddSeededNoise.apply(hidden, sigma.reshape(1), seed, scale)
+    """Return ``hidden + sigma * scale * ε(seed)``, differentiable in `hidden` and `sigma` (a one-element tensor).
+
+    With `stash`, the backward takes ε from it when a matching one is there; `keep` puts this forward's ε there.
+    """
+    return _AddSeededNoise.apply(hidden, sigma.reshape(1), seed, scale, stash, keep and stash is not None)
 
 
 def hidden_rms(hidden: torch.Tensor) -> torch.Tensor:
@@ -285,6 +328,7 @@ class LayerPerturbation(nn.Module):
         self._coords: tuple[int, int, int] | None = None
         self._suspended = 0
         self._forced = 0
+        self._stash = NoiseStash()
         self.applied = [0] * len(self._sites)  # hook applications per site since the last `active()`
 
     @property
@@ -305,8 +349,11 @@ class LayerPerturbation(nn.Module):
         layer = self.layer_indices[slot] if slot < len(self.layer_indices) else -1
         seed = noise_seed(self.seed, step, micro_step, layer, rank)
         sigma = self.log_sigma[slot].exp().to(hidden.device)
+        # a site applied again in this micro-step with grad is a checkpoint recomputation: its backward comes next
+        keep = self.applied[slot] > 0 and torch.is_grad_enabled() and self.log_sigma.requires_grad
         self.applied[slot] += 1
-        return add_seeded_noise(hidden, sigma, seed, hidden_rms(hidden) if self.relative else None)
+        scale = hidden_rms(hidden) if self.relative else None
+        return add_seeded_noise(hidden, sigma, seed, scale, self._stash, keep)
 
     def _pre_hook(self, slot: int):
         def hook(module, args, kwargs):
@@ -367,6 +414,7 @@ class LayerPerturbation(nn.Module):
                 handle.remove()
             self._handles.clear()
             self._coords = None
+            self._stash.clear()
 
     @contextlib.contextmanager
     def forced(self) -> Iterator[None]:

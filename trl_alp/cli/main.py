@@ -31,6 +31,7 @@ USAGE = """usage: trl-alp {train,demo,plot,bench,stress,mismatch} [options]
   demo    GRPO vs Bypass vs ALP on an embedded default (offline): trl-alp demo [--model tiny]
   plot    ratio-envelope PNG from run folders: trl-alp plot RUN_DIR [RUN_DIR ...] --output envelopes.png
   bench   ALPGRPOTrainer vs GRPOTrainer step time (and peak memory on CUDA): trl-alp bench [--model smollm2]
+          --mode ab: their training micro-step, in one process, to about 1 %: trl-alp bench --mode ab
   stress  mismatch stress test, corrections × mismatch cells × seeds: trl-alp stress --preset cpu [--workers 2]
   mismatch  rollout engines (vLLM, emulated) against the fp32 training forward: trl-alp mismatch [--model smollm2]
 
@@ -458,20 +459,32 @@ def bench(argv: list[str]) -> Callable[[], None]:
         argv: The arguments after ``bench``.
 
     Returns:
-        A function that runs every arm in a fresh process and prints the table (or the JSON).
+        A function that runs every arm in a fresh process (with ``--mode ab``: the in-process A/B of the training
+        micro-step, `trl_alp.cli.ab`) and prints the table (or the JSON).
     """
+    if _value(argv, "mode") is not None:
+        from .ab import ABArguments
+        from .ab import main as run
+
+        (args,) = _parser((ABArguments,), "trl-alp bench --mode ab").parse_args_and_config(argv)
+        _check_model(args.model)
+        return lambda: run(args)
     from .bench import BenchArguments
     from .bench import main as run
 
     (args,) = _parser((BenchArguments,), "trl-alp bench").parse_args_and_config(argv)
-    if args.model == "smollm2":
+    _check_model(args.model)
+    _check_engine(args.engine)
+    return lambda: run(args)
+
+
+def _check_model(model: str) -> None:
+    if model == "smollm2":
         from .models import smollm2_path
 
         smollm2_path()
-    elif args.model != "tiny" and not os.path.isdir(args.model):
-        raise CLIError(f"--model {args.model!r}: use 'tiny', 'smollm2' or a local model folder")
-    _check_engine(args.engine)
-    return lambda: run(args)
+    elif model != "tiny" and not os.path.isdir(model):
+        raise CLIError(f"--model {model!r}: use 'tiny', 'smollm2' or a local model folder")
 
 
 def _check_engine(engine: str) -> None:
