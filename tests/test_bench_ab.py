@@ -106,8 +106,27 @@ def test_optimizer_step_runs_are_undone(tmp_path):
 
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
-    [("comparisons", "alp/nothing", "--comparisons"), ("warmup", "0", "--warmup"), ("pairs", "0", "--pairs")],
+    [
+        ("comparisons", "alp/nothing", "--comparisons"),
+        ("warmup", "0", "--warmup"),
+        ("pairs", "0", "--pairs"),
+        ("comparisons", "alp/alp-unreplayed", "needs truncated sampling"),
+    ],
 )
 def test_bad_arguments_are_one_line_errors(flag, value, message, capsys):
     assert main(["bench", "--mode", "ab", f"--{flag}", value]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_unreplayed_arm_runs_the_same_batch_without_its_support_table(tmp_path):
+    """With top_k the batch carries the support table; alp-unreplayed drops it, so its ratio is off by the kept mass."""
+    args = ABArguments(model="tiny", completions=4, num_generations=2, max_completion_length=4, top_k=5)
+    args.output_dir = str(tmp_path)
+    step = build(args)
+    assert "alp_support_ids" in step.batch and "alp_support_ids" not in step.unreplayed
+    ratio_q50 = {}
+    for arm in ("alp", "alp-unreplayed"):
+        step.run(arm)
+        ratio_q50[arm] = step.alp._metrics["train"]["alp/ratio/token/q50"][-1]
+        step.reset()
+    assert ratio_q50["alp"] == pytest.approx(1.0, abs=0.05) and ratio_q50["alp-unreplayed"] < 0.5

@@ -47,6 +47,7 @@ ARMS = {
     "alp": "ALPGRPOTrainer micro-step (seq-alp), noise armed",
     "alp-quiet": "ALPGRPOTrainer micro-step, noise hooks not armed",
     "grpo-noise": "TRL's micro-step with ALP's noise hooks armed",
+    "alp-unreplayed": "ALPGRPOTrainer micro-step without the sampling-support replay (with --top_p/--top_k)",
 }
 NOISY_ARMS = ("alp", "grpo-noise")
 
@@ -82,6 +83,10 @@ class ABArguments:
     warmup: int = field(
         default=2, metadata={"help": "Untimed runs of every arm before the pairs (>= 1; they also check the noise)."}
     )
+    top_p: float = field(
+        default=1.0, metadata={"help": "Sampling top_p of the batch (with top_k: the replay's cost)."}
+    )
+    top_k: int = field(default=0, metadata={"help": "Sampling top_k of the batch (0: off)."})
     optimizer_step: bool = field(
         default=False,
         metadata={"help": "Also clip the gradients and take the optimizer step in every run (weights restored)."},
@@ -122,6 +127,8 @@ class ABArguments:
             )
         if self.finetune not in ("auto", "lora", "full"):
             raise ValueError(f"--finetune must be 'auto', 'lora' or 'full', got {self.finetune!r}")
+        if "alp-unreplayed" in self.arm_list and self.top_p == 1.0 and self.top_k == 0:
+            raise ValueError("the arm alp-unreplayed needs truncated sampling: set --top_p < 1 or --top_k > 0")
         pairs = self.comparison_list
         bad = [f"{x}/{y}" for x, y in pairs if x not in ARMS or y not in ARMS]
         if bad or not pairs:
@@ -148,7 +155,10 @@ class MicroStep:
     """
 
     def __init__(self, alp, grpo, batch: dict, num_items, optimizer_step: bool):
+        from ..trainer import SUPPORT_KEYS
+
         self.alp, self.grpo, self.batch, self.num_items = alp, grpo, batch, num_items
+        self.unreplayed = {key: value for key, value in batch.items() if key not in SUPPORT_KEYS}
         self.model = alp.model
         self.optimizer_step = optimizer_step
         self.cuda = torch.cuda.is_available()
@@ -174,6 +184,8 @@ class MicroStep:
             trainer.training_step(self.model, self.batch, self.num_items)
         elif arm == "alp-quiet":  # TRL's `training_step` under ALP's loss: no hooks
             GRPOTrainer.training_step(trainer, self.model, self.batch, self.num_items)
+        elif arm == "alp-unreplayed":  # the batch without its support table: full-vocabulary log-probs
+            trainer.training_step(self.model, self.unreplayed, self.num_items)
         elif arm == "grpo-noise":
             with self.perturbation.active(self.alp.state.global_step, 0, self.alp.accelerator.process_index):
                 trainer.training_step(self.model, self.batch, self.num_items)
@@ -291,6 +303,8 @@ def build(args: ABArguments) -> MicroStep:
         use_cpu=not cuda,
         seed=args.seed,
         disable_tqdm=True,
+        top_p=args.top_p,
+        top_k=args.top_k,
     )
     common = dict(
         reward_funcs=REWARD_FUNCS["number_format"],
