@@ -115,9 +115,10 @@ class ALPConfig(GRPOConfig):
             (`trl_alp/support.py`). `False` keeps the full-vocabulary log-probs (the ratio is then off by the kept mass
             on every token). No effect without truncation or with `correction="grpo"`.
         alp_support_max_tokens (`int`, *optional*, defaults to `256`):
-            Most ids of S_t kept per token (the most probable, plus the sampled one); a larger support is replayed in
-            part and counted in `alp/support/truncated_frac`. With `use_vllm` it is the number of log-probs vLLM
-            returns per token (`top_k` when that is smaller).
+            Most ids of S_t kept per token (the most probable, plus the sampled one). A larger support is cut: its
+            head is replayed with the engine's cover of it, ``log π(S_t) ≈ log π(head) − log μ_S(head)`` (exact
+            on-policy), and counted in `alp/support/truncated_frac`. With `use_vllm` it is the number of log-probs
+            vLLM returns per token (`top_k` when that is smaller).
         alp_log_unperturbed_ratio (`bool`, *optional*, defaults to `False`):
             One extra no-grad clean forward per micro-step, its ratio to the rollout logged under `alp/unperturbed/*`.
 
