@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .bench import _minor_page_faults, _profiled_tensor_peak, stats
+from .experiment import BenchModelArguments
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ NOISY_ARMS = ("alp", "grpo-noise")
 
 
 @dataclass
-class ABArguments:
+class ABArguments(BenchModelArguments):
     """Arguments of ``trl-alp bench --mode ab``."""
 
     mode: str = field(
@@ -64,14 +65,6 @@ class ABArguments:
             "choices": ["ab"],
         },
     )
-    model: str = field(default="tiny", metadata={"help": "'tiny', 'smollm2', or a local model folder."})
-    finetune: str = field(
-        default="auto",
-        metadata={"help": "'lora' (r=16, all linear layers), 'full', or 'auto' (tiny: full, otherwise LoRA)."},
-    )
-    completions: int = field(default=64, metadata={"help": "Completions in the micro-step's batch."})
-    num_generations: int = field(default=8, metadata={"help": "Completions per prompt (GRPO group size)."})
-    max_completion_length: int = field(default=32, metadata={"help": "Maximum tokens per completion."})
     comparisons: str = field(
         default="alp/grpo,grpo/grpo",
         metadata={
@@ -112,21 +105,15 @@ class ABArguments:
     output_dir: str = field(default="runs/bench-ab", metadata={"help": "Folder for ab.json, ab.md and profiles."})
 
     def __post_init__(self):
-        for name in ("pairs", "completions", "num_generations", "max_completion_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        super().__post_init__()
+        if self.pairs < 1:
+            raise ValueError(f"--pairs must be >= 1, got {self.pairs}")
         if self.threads < 0:
             raise ValueError(f"--threads must be >= 0, got {self.threads}")
         if self.warmup < 1:
             raise ValueError(
                 f"--warmup must be >= 1 (the warm-up also checks which arms drew noise), got {self.warmup}"
             )
-        if self.completions % self.num_generations:
-            raise ValueError(
-                f"--completions ({self.completions}) must be a multiple of --num_generations ({self.num_generations})"
-            )
-        if self.finetune not in ("auto", "lora", "full"):
-            raise ValueError(f"--finetune must be 'auto', 'lora' or 'full', got {self.finetune!r}")
         if "alp-unreplayed" in self.arm_list and self.top_p == 1.0 and self.top_k == 0:
             raise ValueError("the arm alp-unreplayed needs truncated sampling: set --top_p < 1 or --top_k > 0")
         pairs = self.comparison_list

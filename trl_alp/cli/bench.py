@@ -44,6 +44,7 @@ from transformers import TrainerCallback
 
 from .experiment import (
     RUN_SETTINGS,
+    BenchModelArguments,
     LogHistory,
     comma_list,
     markdown_table,
@@ -57,7 +58,6 @@ logger = logging.getLogger(__name__)
 
 SCENARIOS = {"no-correction": {}, "old-logprobs": {"num_iterations": 2}, "stale-steps": {"steps_per_generation": 2}}
 KINDS = ("grpo", "alp")
-FINETUNE = ("auto", "lora", "full")
 ENGINES = ("generate", "vllm")
 PHASES = (
     "whole_step_s",
@@ -74,17 +74,9 @@ NOISE_OP = "_AddSeededNoise"  # the autograd Function of trl_alp.perturbation (i
 
 
 @dataclass
-class BenchArguments:
+class BenchArguments(BenchModelArguments):
     """Arguments of ``trl-alp bench``."""
 
-    model: str = field(default="tiny", metadata={"help": "'tiny', 'smollm2', or a local model folder."})
-    finetune: str = field(
-        default="auto",
-        metadata={"help": "'lora' (r=16, all linear layers), 'full', or 'auto' (tiny: full, otherwise LoRA)."},
-    )
-    completions: int = field(default=64, metadata={"help": "Completions per optimizer step (batch size)."})
-    num_generations: int = field(default=8, metadata={"help": "Completions per prompt (GRPO group size)."})
-    max_completion_length: int = field(default=32, metadata={"help": "Maximum tokens per completion."})
     cycles: int = field(default=2, metadata={"help": "Measured generation cycles per arm (after the warm-up)."})
     warmup: int = field(default=1, metadata={"help": "Warm-up generation cycles per arm, not measured."})
     repeats: int = field(default=3, metadata={"help": "Interleaved rounds; every arm runs once per round."})
@@ -113,20 +105,15 @@ class BenchArguments:
     output_dir: str = field(default="runs/bench", metadata={"help": "Scratch folder for the runs and profiles."})
 
     def __post_init__(self):
-        for name in ("cycles", "repeats", "completions", "num_generations", "max_completion_length"):
+        super().__post_init__()
+        for name in ("cycles", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if self.completions % self.num_generations:
-            raise ValueError(
-                f"--completions ({self.completions}) must be a multiple of --num_generations ({self.num_generations})"
-            )
         if self.engine not in ENGINES:
             raise ValueError(f"--engine must be one of {list(ENGINES)}, got {self.engine!r}")
-        if self.finetune not in FINETUNE:
-            raise ValueError(f"--finetune must be one of {list(FINETUNE)}, got {self.finetune!r}")
         comma_list(self.scenarios, "scenarios", SCENARIOS)
 
     @property

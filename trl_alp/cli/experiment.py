@@ -11,6 +11,7 @@ import math
 import os
 import statistics
 from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from .plot import series
@@ -38,6 +39,34 @@ def remove_log_printers(trainer) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ flags
+FINETUNE = ("auto", "lora", "full")
+
+
+@dataclass
+class BenchModelArguments:
+    """The model and the batch of both benchmark modes (`trl-alp bench`, `trl-alp bench --mode ab`)."""
+
+    model: str = field(default="tiny", metadata={"help": "'tiny', 'smollm2', or a local model folder."})
+    finetune: str = field(
+        default="auto",
+        metadata={"help": "'lora' (r=16, all linear layers), 'full', or 'auto' (tiny: full, otherwise LoRA)."},
+    )
+    completions: int = field(default=64, metadata={"help": "Completions per batch (one optimizer step's)."})
+    num_generations: int = field(default=8, metadata={"help": "Completions per prompt (GRPO group size)."})
+    max_completion_length: int = field(default=32, metadata={"help": "Maximum tokens per completion."})
+
+    def __post_init__(self):
+        for name in ("completions", "num_generations", "max_completion_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.completions % self.num_generations:
+            raise ValueError(
+                f"--completions ({self.completions}) must be a multiple of --num_generations ({self.num_generations})"
+            )
+        if self.finetune not in FINETUNE:
+            raise ValueError(f"--finetune must be one of {list(FINETUNE)}, got {self.finetune!r}")
+
+
 def comma_list(value: str, flag: str, choices: Collection[str] | None = None) -> list[str]:
     """The items of a comma-separated flag value, blanks dropped.
 
