@@ -361,10 +361,13 @@ def test_layer_list_selection(make_trainer, tokenizer):
     assert trainer.alp_perturbation.layer_indices == [1, 3]
 
 
-def test_truncated_sampling_warns(make_trainer, caplog):
+def test_truncated_sampling_warns_only_without_the_support_replay(make_trainer, caplog):
     with caplog.at_level(logging.WARNING, logger="trl_alp"):
         make_trainer(max_steps=1, top_p=0.9)
-    assert "top_p/top_k/min_p truncate the sampling distribution" in caplog.text
+    assert "top_p" not in caplog.text  # replayed: exact, nothing to warn about (see test_support.py)
+    with caplog.at_level(logging.WARNING, logger="trl_alp"):
+        make_trainer(max_steps=1, top_p=0.9, alp_replay_support=False)
+    assert "alp_replay_support=False with top_k/top_p/min_p" in caplog.text
 
 
 def test_ratio_metrics_of_long_divergent_sequences(make_trainer):
