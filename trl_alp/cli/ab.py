@@ -30,7 +30,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .bench import _minor_page_faults, _profiled_tensor_peak, stats
-from .experiment import BenchModelArguments
+from .experiment import BenchModelArguments, machine_info
 
 logger = logging.getLogger(__name__)
 
@@ -400,13 +399,7 @@ def run_ab(args: ABArguments, step_factory: Callable[[ABArguments], MicroStep] =
             else "peak of the live CPU tensor bytes above the run's start in one profiled run per arm "
             "(torch.profiler allocation records)"
         ),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "load_average_before": list(load_before),
-            "load_average_after": list(os.getloadavg()),
-        },
+        "machine": machine_info(load_before),
         "date": datetime.date.today().isoformat(),
         "arms": {
             arm: {

@@ -29,7 +29,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from .experiment import (
     BenchModelArguments,
     LogHistory,
     comma_list,
+    machine_info,
     markdown_table,
     read_json,
     remove_log_printers,
@@ -537,13 +537,7 @@ def run_bench(args: BenchArguments) -> dict:
         "device": first["device"],
         "threads": first["threads"],
         "memory_method": first["memory_method"],
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "load_average_before": list(load_before),
-            "load_average_after": list(os.getloadavg()),
-        },
+        "machine": machine_info(load_before),
         "date": datetime.date.today().isoformat(),
         "wall_s": time.perf_counter() - started,
     }

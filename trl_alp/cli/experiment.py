@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import statistics
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,17 @@ def remove_log_printers(trainer) -> None:
 
 # ------------------------------------------------------------------------------------------------------ flags
 FINETUNE = ("auto", "lora", "full")
+
+
+def machine_info(load_before: Sequence[float]) -> dict[str, Any]:
+    """What a benchmark record says of its machine: platform, processor, cores and the load around the run."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_before": list(load_before),
+        "load_average_after": list(os.getloadavg()),
+    }
 
 
 @dataclass
