@@ -190,11 +190,14 @@ def replayed_log_probs(
 
     Args:
         hidden: ``(N, H)`` hidden states that predict each token (the LM head's input).
-        weight, bias: the LM head.
+        weight: the LM head's weight.
+        bias: the LM head's bias, or ``None``.
         targets: ``(N,)`` the sampled tokens.
         counts: ``(N,)`` support size per token; tokens with 0 get 0.
         ids: ``(sum(counts),)`` the supports' ids, token after token.
-        temperature, logit_scale, softcap: TRL's fused-head transform of the logits.
+        temperature: the sampling temperature the logits are divided by.
+        logit_scale: the model's logit multiplier, as TRL's fused head applies it.
+        softcap: the model's final logit soft-cap, or ``None``.
         log_cover: ``(N,)`` log μ_S of each token's ids where its support was cut (0 elsewhere): the replay then
             takes ``log π(S_t) ≈ log π(ids) − log_cover``.
         chunk_ids: ids per checkpointed chunk (its gathered weight rows are recomputed in backward, never kept).
