@@ -284,9 +284,8 @@ class ALPConfig(GRPOConfig):
                 f"got {self.alp_rollout_weight_bits!r}"
             )
         self._check_rollout_mask_and_kl_clamp()
-        if isinstance(self.alp_support_max_tokens, bool) or not isinstance(self.alp_support_max_tokens, int):
-            raise ValueError(f"alp_support_max_tokens must be an integer >= 1, got {self.alp_support_max_tokens!r}")
-        if self.alp_support_max_tokens < 1:
+        max_tokens = self.alp_support_max_tokens
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"alp_support_max_tokens must be an integer >= 1, got {self.alp_support_max_tokens!r}")
         if self.use_vllm and self.alp_rollout_weight_bits:
             raise ValueError(
@@ -309,7 +308,7 @@ class ALPConfig(GRPOConfig):
 
     def _check_support_replay(self) -> None:
         if not truncates(self.top_k, self.top_p, self.min_p):
-            if self.alp_support_max_tokens != 256 or not self.alp_replay_support:
+            if changed_fields(self, ("alp_replay_support", "alp_support_max_tokens")):
                 logger.warning(
                     "alp_replay_support / alp_support_max_tokens have no effect: sampling is not truncated "
                     "(top_k=0, top_p=1, min_p=None)."
@@ -422,10 +421,7 @@ class ALPConfig(GRPOConfig):
                 f"alp_rollout_mask_min ({self.alp_rollout_mask_min}) must be < alp_rollout_mask_max "
                 f"({self.alp_rollout_mask_max})."
             )
-        mask_fields = ("alp_rollout_mask_min", "alp_rollout_mask_max", "alp_rollout_mask_weighted")
-        changed = [
-            f.name for f in dataclasses.fields(self) if f.name in mask_fields and getattr(self, f.name) != f.default
-        ]
+        changed = changed_fields(self, ("alp_rollout_mask_min", "alp_rollout_mask_max", "alp_rollout_mask_weighted"))
         if self.alp_rollout_mask is None and changed:
             logger.warning("%s are ignored: alp_rollout_mask is None.", ", ".join(changed))
         if self.alp_kl_clamp and self.correction == "grpo":
@@ -446,6 +442,12 @@ class ALPConfig(GRPOConfig):
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GRPOConfig) if f.init}
         values["generation_batch_size"] = None  # derived from steps_per_generation in __post_init__
         return cls(**values)
+
+
+def changed_fields(args: ALPConfig, names: tuple[str, ...]) -> list[str]:
+    """Those of `names` whose value differs from the field's default, in the order given."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ALPConfig)}
+    return [name for name in names if getattr(args, name) != defaults[name]]
 
 
 def alp_defaults() -> str:
@@ -480,14 +482,9 @@ UNREPLAYED_WARPERS = ("typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")
 
 def warn_unused_fields(args: ALPConfig) -> None:
     """Say which fields the chosen correction ignores, when the user changed them from their defaults."""
-    defaults = {f.name: f.default for f in dataclasses.fields(ALPConfig)}
     correction = args.parsed_correction
     changed = [
-        name
-        for applies, names in _FIELD_SCOPES
-        if not applies(correction)
-        for name in names
-        if getattr(args, name) != defaults[name]
+        name for applies, names in _FIELD_SCOPES if not applies(correction) for name in changed_fields(args, names)
     ]
     if changed:
         logger.warning(

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .support import kept_support
+from .support import kept_support, sampled_support
 
 # autocast dtype of each alp_rollout_dtype on the generate path ("float32": none, the model's own precision)
 ROLLOUT_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,11 +65,7 @@ class SampledLogprobRecorder(LogitsProcessor):
         self._steps.append(self._pending.gather(-1, sampled).squeeze(-1))
         if self._pending_support is not None:
             ids, log_mass, size = self._pending_support
-            missing = ~(ids == sampled).any(-1, keepdim=True)  # a truncated support may not hold the sampled token
-            ids = torch.cat([ids, torch.where(missing, sampled, -1)], dim=-1)
-            stored = self._pending.gather(-1, ids.clamp(min=0)).masked_fill(ids < 0, -torch.inf)
-            cut = size > (ids >= 0).sum(-1)  # log cover: the share of μ_S the stored ids hold (0: all of it)
-            log_cover = torch.where(cut, torch.logsumexp(stored, dim=-1).clamp(max=0.0), 0.0)
+            ids, log_cover = sampled_support(self._pending, ids, size, sampled)
             self._support_steps.append((ids, size, log_mass, log_cover))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

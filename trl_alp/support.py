@@ -92,6 +92,25 @@ def kept_support(scaled: torch.Tensor, warpers: LogitsProcessorList, max_tokens:
     return log_probs, log_mass, ids.masked_fill(~torch.isfinite(values), -1), kept.sum(-1)
 
 
+def sampled_support(log_probs: torch.Tensor, ids: torch.Tensor, size: torch.Tensor, sampled: torch.Tensor):
+    """Close one sampling step of `kept_support`'s output once the token ``sampled (batch, 1)`` is known.
+
+    Returns the ids with the sampled token appended where a cut support lacks it (``-1`` elsewhere), and each row's
+    log cover: the share of μ_S the ids hold, 0 for a whole support.
+    """
+    missing = ~(ids == sampled).any(-1, keepdim=True)
+    ids = torch.cat([ids, torch.where(missing, sampled, -1)], dim=-1)
+    stored = log_probs.gather(-1, ids.clamp(min=0)).masked_fill(ids < 0, -torch.inf)
+    cut = size > (ids >= 0).sum(-1)
+    return ids, torch.where(cut, torch.logsumexp(stored, dim=-1).clamp(max=0.0), 0.0)
+
+
+def supported_logp(value: float, ids: list[int], size: int, log_mass: float, log_cover: float) -> SupportedLogp:
+    """One token's `SupportedLogp` from a row of `sampled_support`'s ids (``-1`` padded) and the support's size."""
+    support = tuple(i for i in ids if i >= 0)
+    return SupportedLogp(value, support, size > len(support), log_mass, log_cover)
+
+
 def support_from_top_logprobs(
     values: list[float | None], ids: list[int], token: int, top_n: int, bound: int
 ) -> SupportedLogp | None:

@@ -32,7 +32,7 @@ from .loss import (
 from .metrics import mismatch_stats, quantile_stats, weight_diagnostics
 from .perturbation import LayerPerturbation, find_decoder_layers, is_logits_only, parse_layer_spec, unwrap_model
 from .rollout import record_generate_logprobs, rollout_engine
-from .support import SupportedLogp, pack_supports, replay_forward, support_stats, support_warpers
+from .support import SupportedLogp, pack_supports, replay_forward, support_stats, support_warpers, supported_logp
 from .vllm_engine import alp_engine
 
 logger = logging.getLogger(__name__)
@@ -289,6 +289,7 @@ class ALPGRPOTrainer(GRPOTrainer):
         # Sampling-support replay (top_k/top_p/min_p): the rollout rows' supports while a generation batch is
         # scored (TRL's old and reference passes), then the batch's own table (`_completion_logps`).
         self._alp_rollout_rows: list[list[float]] | None = None
+        self._alp_rollout_tables: dict[int, tuple[torch.Tensor, ...]] = {}  # the rows packed, by token width
         self._alp_support: tuple[torch.Tensor, ...] | None = None
         self._alp_support_full_logps: torch.Tensor | None = None
         self._alp_warned_no_support = False
@@ -505,11 +506,8 @@ class ALPGRPOTrainer(GRPOTrainer):
             return completion_ids, rows
         ids, sizes, masses, covers = (t.cpu().tolist() for t in recorder.supports[-1])
         return completion_ids, [
-            [
-                SupportedLogp(value, support := tuple(i for i in kept if i >= 0), size > len(support), mass, cover)
-                for value, kept, size, mass, cover in zip(*token_values)
-            ]
-            for token_values in zip(rows, ids, sizes, masses, covers, strict=True)
+            [supported_logp(*token) for token in zip(*row)]
+            for row in zip(rows, ids, sizes, masses, covers, strict=True)
         ]
 
     def _generate(self, prompts):
@@ -517,7 +515,7 @@ class ALPGRPOTrainer(GRPOTrainer):
         if self.args.replays_support:  # the rollout rows, with their supports, for the passes that score them
             rows = output[4] or []
             if any(isinstance(v, SupportedLogp) for row in rows for v in row):
-                self._alp_rollout_rows = rows
+                self._alp_rollout_rows, self._alp_rollout_tables = rows, {}
                 self._log_support_stats(rows)
             elif not self._alp_warned_no_support:
                 self._alp_warned_no_support = True
@@ -546,13 +544,13 @@ class ALPGRPOTrainer(GRPOTrainer):
         try:
             output = super()._generate_and_score_completions(inputs)
             if self._alp_rollout_rows is not None:  # rows travel with the batch through TRL's shuffles and splits
-                table = pack_supports(self._alp_rollout_rows, output["completion_ids"].size(1))
+                table = self._rollout_support(output["completion_ids"].size(1))
                 for key, value in zip(SUPPORT_KEYS, table, strict=True):
                     output[key] = value.to(self.accelerator.device)
             return output
         finally:
             self._alp_skip_old_pass = False
-            self._alp_rollout_rows = None
+            self._alp_rollout_rows, self._alp_rollout_tables = None, {}
 
     def _is_old_pass(self, model) -> bool:
         """Whether a log-prob pass is TRL's old one: no grad, the policy model itself, and not the reference (a model
@@ -569,7 +567,7 @@ class ALPGRPOTrainer(GRPOTrainer):
         support = self._alp_support
         if support is None and self._alp_rollout_rows is not None:  # TRL's old / reference pass of this batch
             logits_to_keep = kwargs.get("logits_to_keep", args[2] if len(args) > 2 else None)
-            support = pack_supports(self._alp_rollout_rows, logits_to_keep)
+            support = self._rollout_support(logits_to_keep)
         if support is None:
             out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
         else:
@@ -577,6 +575,13 @@ class ALPGRPOTrainer(GRPOTrainer):
         if self._alp_capture_loss_logps:  # TRL's loss forward: kept for the diagnostics of correction="grpo"
             self._alp_loss_logps = out[0]
         return out
+
+    def _rollout_support(self, width: int) -> tuple[torch.Tensor, ...]:
+        """The rollout rows' support table at `width` token columns, packed once per batch (the old and reference
+        passes and the batch itself all read it)."""
+        if width not in self._alp_rollout_tables:
+            self._alp_rollout_tables[width] = pack_supports(self._alp_rollout_rows, width)
+        return self._alp_rollout_tables[width]
 
     def _replayed_logps_and_entropies(self, model, support, input_ids, attention_mask, logits_to_keep, *args, **kw):
         """TRL's pass, with each completion token's log-prob replayed on its sampling support (`trl_alp.support`);
@@ -637,10 +642,10 @@ class ALPGRPOTrainer(GRPOTrainer):
         mask, per_token_logps, rollout_logps, entropies = self._drop_nonfinite(
             mode, mask, per_token_logps, rollout_logps, entropies
         )
-        if "alp_support_counts" in inputs:  # π(S_t) of the policy being trained: what the replay divides out
+        if SUPPORT_KEYS[1] in inputs:  # π(S_t) of the policy being trained: what the replay divides out
             kept = torch.exp(self._alp_support_full_logps - per_token_logps.detach())
             self._metrics[mode]["alp/support/policy_kept_mass"].append(
-                self._global_masked_mean(kept, mask * (inputs["alp_support_counts"] > 0))
+                self._global_masked_mean(kept, mask * (inputs[SUPPORT_KEYS[1]] > 0))
             )
         advantages = inputs["advantages"]
         advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages

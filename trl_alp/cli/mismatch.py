@@ -24,7 +24,16 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from ..support import SupportedLogp, kept_support, support_from_top_logprobs, support_stats, support_warpers, truncates
+from ..support import (
+    SupportedLogp,
+    kept_support,
+    sampled_support,
+    support_from_top_logprobs,
+    support_stats,
+    support_warpers,
+    supported_logp,
+    truncates,
+)
 from .experiment import comma_list, int_list, markdown_table, write_json
 
 logger = logging.getLogger(__name__)
@@ -237,13 +246,10 @@ def sample_generate(model, engine: dict, prompts: list[list[int]], args: Mismatc
                 for row, value in zip(rows, values, strict=True):
                     row.append(value)
             else:  # log μ_S(y) with its support, log μ(S_t) and, for a cut support, its log cover
-                for b, row in enumerate(rows):
-                    y = int(token[b, 0])
-                    support = tuple(i for i in kept[b].tolist() if i >= 0)
-                    support += () if y in support else (y,)
-                    cut = int(size[b]) > len(support)
-                    cover = min(0.0, torch.logsumexp(logp[b, list(support)], 0).item()) if cut else 0.0
-                    row.append(SupportedLogp(values[b], support, cut, float(log_mass[b]), cover))
+                kept, log_cover = sampled_support(logp, kept, size, token)
+                columns = (kept.tolist(), size.tolist(), log_mass.tolist(), log_cover.tolist())
+                for row, value, *support in zip(rows, values, *columns, strict=True):
+                    row.append(supported_logp(value, *support))
             ids, past = token, out.past_key_values
             mask = torch.cat([mask, mask.new_ones((mask.size(0), 1))], dim=1)
             positions = positions[:, -1:] + 1
