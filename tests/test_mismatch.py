@@ -78,6 +78,28 @@ def test_truncated_sampling_reports_the_ratio_before_and_after_the_support_repla
     assert "| vllm-fp32 | 0." in (out / "results.md").read_text()
 
 
+def test_a_stopped_run_keeps_the_engines_it_measured(tmp_path, monkeypatch):
+    from trl_alp.cli import mismatch
+
+    sample = mismatch.sample_generate
+    calls = []
+
+    def stop_at_the_second_engine(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a user's Ctrl-C: not an engine error, the run ends
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(mismatch, "sample_generate", stop_at_the_second_engine)
+    out = tmp_path / "mismatch"
+    argv = ["--model", "tiny", "--engines", "8bit,4bit", "--num_prompts", "2", "--max_tokens", "4", "--lengths", "4"]
+    with pytest.raises(KeyboardInterrupt):
+        main(["mismatch", *argv, "--output_dir", str(out)])
+    engines = json.loads((out / "results.json").read_text())["engines"]
+    assert list(engines) == ["8bit"] and engines["8bit"]["token"]["k3_kl"] > 0
+    assert "| 8bit |" in (out / "results.md").read_text() and (out / "mismatch.png").stat().st_size > 0
+
+
 def test_arguments_parse_their_lists():
     args = MismatchArguments(engines="4bit, vllm-bf16", lengths="64,16", max_tokens=64)
     assert args.engine_list == ["4bit", "vllm-bf16"] and args.length_list == [16, 64]

@@ -282,7 +282,7 @@ def training_logps(model, prompts: list[list[int]], completions: list[list[int]]
 
 
 def run_mismatch(args: MismatchArguments) -> dict:
-    """Measure every engine of `args`; write results.json, results.md and mismatch.png; return the results."""
+    """Measure every engine of `args`, writing results.json, results.md and mismatch.png after each; return the results."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -303,6 +303,7 @@ def run_mismatch(args: MismatchArguments) -> dict:
         except Exception as error:  # an engine this machine cannot run is a result, not the end of the report
             logger.warning("mismatch: %s did not run: %s", name, error)
             results["engines"][name] = {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
+            write_report(results, args.output_dir)
             continue
         truncated = truncates(args.top_k, args.top_p, args.min_p)
         full, replayed = training_logps(model, prompts, completions, rows if truncated else None)
@@ -322,11 +323,16 @@ def run_mismatch(args: MismatchArguments) -> dict:
                 "before": ratio_quantiles(full - before_logps),
                 "after": ratio_quantiles(log_ratio),
             }
-    write_json(os.path.join(args.output_dir, "results.json"), results)
-    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
-        f.write(markdown_report(results))
-    plot_sequence_spread(results, os.path.join(args.output_dir, "mismatch.png"))
+        write_report(results, args.output_dir)  # after every engine: a run stopped later keeps what it measured
     return results
+
+
+def write_report(results: dict, output_dir: str) -> None:
+    """results.json, results.md and mismatch.png of the engines measured so far."""
+    write_json(os.path.join(output_dir, "results.json"), results)
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write(markdown_report(results))
+    plot_sequence_spread(results, os.path.join(output_dir, "mismatch.png"))
 
 
 def _as_tensor(rows, value_of):
