@@ -575,14 +575,13 @@ def _has_history(run_dir: str) -> bool:
 
 # ------------------------------------------------------------------------------------------------ the grid
 def claim_master_port() -> None:
-    """Give this process its own rendezvous port unless the user set one.
+    """Give this worker its own rendezvous port.
 
-    A colocated vLLM engine rendezvouses through `MASTER_PORT`; where it is unset, TRL takes the first free port of a
+    A colocated vLLM engine rendezvouses through `MASTER_PORT`. Where it is unset, TRL takes the first free port of a
     fixed list (29500, 23456, ...), so workers that start together pick the same one and all but one fail with
-    EADDRINUSE. A port the OS assigns is distinct per worker.
+    EADDRINUSE; a port set for the whole command would be shared by all workers alike. A port the OS assigns is
+    distinct per worker.
     """
-    if os.environ.get("MASTER_PORT", "").strip().lower() not in ("", "0", "auto"):
-        return
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         os.environ["MASTER_PORT"] = str(s.getsockname()[1])
