@@ -28,6 +28,7 @@ from trl_alp.vllm_engine import ALPVLLMGeneration, engine_dtype, kv_cache_bytes 
 # vLLM's CPU attention refuses head_dim 16 (the other tests' tiny model): hidden 256 over 4 heads gives 64.
 HIDDEN = 256
 RATIO_TOL = 1e-3
+TRL_PORTS = {29500, 23456, 12355, 12345}  # TRL's fixed list (trl.trainer.utils._find_free_port)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +65,10 @@ def assert_on_policy_every_step(trainer, steps):
         assert 1 - RATIO_TOL <= low <= high <= 1 + RATIO_TOL, (lows, highs)
 
 
-def test_bypass_on_an_fp32_engine_is_exactly_on_policy_while_the_weights_move(vllm_trainer):
+def test_bypass_on_an_fp32_engine_is_exactly_on_policy_while_the_weights_move(vllm_trainer, monkeypatch):
+    monkeypatch.delenv("MASTER_PORT", raising=False)
     trainer = vllm_trainer(correction="token-bypass", max_steps=3)
+    assert int(os.environ["MASTER_PORT"]) not in TRL_PORTS  # the engine rendezvoused on a port of its own
     assert isinstance(trainer.vllm_generation, ALPVLLMGeneration)
     assert engine_dtype(trainer.vllm_generation.llm) == torch.float32
     sent = []

@@ -2,12 +2,15 @@
 iterator shows what a sync would send."""
 
 import math
+import os
 
 import pytest
 import torch
 import trl.trainer.grpo_trainer as grpo_module
 from engines import StandInVLLM
 from tiny_setup import count_no_grad_logprob_passes, last_logged
+
+from trl_alp.vllm_engine import claim_master_port
 
 SHIFT = 1.0  # the engine reports log μ = log π − SHIFT, so the token ratio π/μ is exactly e
 
@@ -59,3 +62,24 @@ def test_vllm_with_emulated_quantisation_is_rejected_and_dtype_is_vllms():
     assert ALPConfig(alp_rollout_dtype="float32", **common).alp_rollout_dtype == "float32"  # vLLM's dtype
     with pytest.raises(ValueError, match=r"alp_rollout_dtype must be one of \['float32', 'bfloat16', 'float16'\]"):
         ALPConfig(alp_rollout_dtype="fp8", **common)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_single_process_claims_its_own_rendezvous_port(monkeypatch, processes):
+    """Unset, 0 or auto: TRL would take 29500 (or the next of its fixed list), the same in every run started at the
+    same moment. One process takes an OS-assigned port instead; ranks of a multi-process run keep TRL's choice."""
+    ports = set()
+    for value in (None, "0", "auto"):
+        if value is None:
+            monkeypatch.delenv("MASTER_PORT", raising=False)
+        else:
+            monkeypatch.setenv("MASTER_PORT", value)
+        claim_master_port(processes)
+        ports.add(os.environ.get("MASTER_PORT"))
+    if processes == 1:
+        assert len(ports) == 3 and not {int(p) for p in ports} & {29500, 23456, 12355, 12345}
+    else:
+        assert ports == {None, "0", "auto"}  # untouched: TRL resolves it alike on every rank
+    monkeypatch.setenv("MASTER_PORT", "29777")
+    claim_master_port(processes)
+    assert os.environ["MASTER_PORT"] == "29777"  # the user's port stays

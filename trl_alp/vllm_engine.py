@@ -15,6 +15,9 @@ things, each narrowly:
   runner, so the support is read from the engine's top-N ``processed_logprobs`` instead, which are ``-inf`` outside
   the kept set: the finite ones are S_t, complete when fewer than N are finite (or N is ``top_k``). Each sampled
   token's log-prob comes back as a `SupportedLogp` carrying its support.
+* **rendezvous port**: a single-process run whose ``MASTER_PORT`` is unset (or ``0``/``auto``) takes a port the OS
+  assigns; TRL takes the first free one of a fixed list, so two runs that start their engines together pick the
+  same one and one fails with EADDRINUSE. Multi-process runs keep TRL's choice (their ranks must share the port).
 * **release**: `release` shuts the engine down and frees it; a new ALP engine releases any earlier one in the
   process first (an engine is only usable by the trainer that built it, and two cannot share a CPU's memory).
 """
@@ -26,6 +29,7 @@ import functools
 import gc
 import logging
 import os
+import socket
 import weakref
 from collections.abc import Iterator
 
@@ -44,6 +48,21 @@ MIN_KV_CACHE_BYTES = 16 * 2**20
 PROMPT_TOKENS_PLANNED = 1024
 
 _live_engines: weakref.WeakSet = weakref.WeakSet()
+
+
+def claim_master_port(num_processes: int = 1) -> None:
+    """Give a single-process run its own rendezvous port where TRL would pick one from a fixed list.
+
+    A colocated vLLM engine rendezvouses through ``MASTER_PORT``. Where it is unset (or ``0``/``auto``), TRL takes the
+    first free port of a fixed list (29500, 23456, ...), so processes that build engines at the same moment pick the
+    same one and all but one fail with EADDRINUSE; a port the OS assigns is distinct. A port the user set stays, and
+    so does TRL's choice for several processes, whose ranks must agree on one port.
+    """
+    if num_processes > 1 or os.environ.get("MASTER_PORT", "").strip().lower() not in {"", "0", "auto"}:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
 def kv_cache_bytes(config, dtype: torch.dtype, num_sequences: int, max_model_len: int, sequence_len: int) -> int:
@@ -103,6 +122,7 @@ class ALPVLLMGeneration(VLLMGeneration):
             return super()._init_vllm()
         for engine in list(_live_engines):  # one engine per process: a finished trainer's engine goes first
             engine.release()
+        claim_master_port(self.accelerator.num_processes)
         extra = {"dtype": self.dtype or "auto"}
         if self.support_tokens:
             extra["max_logprobs"] = max(self.support_tokens, 20)  # vLLM refuses requests above it (default 20)

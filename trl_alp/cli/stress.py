@@ -22,7 +22,6 @@ import math
 import multiprocessing
 import os
 import re
-import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -574,22 +573,11 @@ def _has_history(run_dir: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ the grid
-def claim_master_port() -> None:
-    """Give this worker its own rendezvous port.
-
-    A colocated vLLM engine rendezvouses through `MASTER_PORT`. Where it is unset, TRL takes the first free port of a
-    fixed list (29500, 23456, ...), so workers that start together pick the same one and all but one fail with
-    EADDRINUSE; a port set for the whole command would be shared by all workers alike. A port the OS assigns is
-    distinct per worker.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-
-
 def _worker_run(args_dict: dict, cell: str, correction: str, seed: int) -> dict:
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    claim_master_port()
+    # One port set for the whole command would be shared by every worker's vLLM engine: without it, each engine
+    # takes a port of its own (trl_alp.vllm_engine.claim_master_port).
+    os.environ.pop("MASTER_PORT", None)
     return train_one(StressArguments(**args_dict), cell, correction, seed)
 
 
