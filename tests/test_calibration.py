@@ -122,9 +122,9 @@ def test_auto_noise_kl_is_really_measured_with_the_noise_on(make_trainer):
     trainer.train()
     inputs, p = captured["inputs"], trainer.alp_perturbation
     with torch.no_grad():
-        clean, _, _ = trainer._completion_logps(trainer.model, inputs)
+        clean, _, _ = trainer._alp_completion_logps(trainer.model, inputs)
         with p.active(0, 0), p.forced():
-            noisy, _, _ = trainer._completion_logps(trainer.model, inputs)
+            noisy, _, _ = trainer._alp_completion_logps(trainer.model, inputs)
     # the weights moved by one step since, so only the order of magnitude is compared
     kl = masked_k3_kl(noisy - clean, inputs["completion_mask"])
     assert kl > 0

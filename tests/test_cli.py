@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from trl_alp.cli import main as cli
+from trl_alp.cli import train as cli
 from trl_alp.cli.main import main
 
 CPU = ["--bf16", "false", "--use_cpu", "true", "--report_to", "none"]
@@ -30,21 +30,29 @@ def _error_line(capsys) -> str:
     return err[-1]
 
 
-@pytest.mark.parametrize("spec", ["tiny_arithmetic", "tiny_arithmetic.yaml", "trl_alp/recipes/tiny_arithmetic.yaml"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "tiny_arithmetic",
+        "tiny_arithmetic.yaml",
+        "trl_alp/configs/tiny_arithmetic.yaml",
+        "trl_alp/recipes/tiny_arithmetic.yaml",  # the folder's former name: an alias
+    ],
+)
 def test_shipped_recipes_resolve_by_name_or_package_path(in_tmp, spec):
-    assert cli.resolve_recipe(spec) == str(cli.RECIPES_DIR / "tiny_arithmetic.yaml")
+    assert cli.resolve_config_file(spec) == str(cli.CONFIGS_DIR / "tiny_arithmetic.yaml")
 
 
 def test_local_recipe_file_wins_and_unknown_recipe_lists_the_shipped_ones(in_tmp):
     (in_tmp / "tiny_arithmetic.yaml").write_text("max_steps: 1\n")
-    assert cli.resolve_recipe("tiny_arithmetic.yaml") == "tiny_arithmetic.yaml"
+    assert cli.resolve_config_file("tiny_arithmetic.yaml") == "tiny_arithmetic.yaml"
     with pytest.raises(
         cli.CLIError,
         match=r"shipped: \['paper_single_turn_qwen2.5_math_1.5b', 'qwen2.5_0.5b_gsm8k', 'smollm2_135m_lora_gsm8k', 'tiny_",
     ):
-        cli.resolve_recipe("nope")
+        cli.resolve_config_file("nope")
     with pytest.raises(cli.CLIError, match="no such file"):
-        cli.resolve_recipe("elsewhere/tiny_arithmetic.yaml")  # a path in another folder is not a recipe name
+        cli.resolve_config_file("elsewhere/tiny_arithmetic.yaml")  # a path in another folder is not a recipe name
 
 
 def test_train_from_local_jsonl(in_tmp):
@@ -112,7 +120,7 @@ def needs_solution(completions, **kwargs):
 def test_reward_forms_like_trls_script(in_tmp):
     from trl.rewards import think_format_reward
 
-    from trl_alp.cli.data import correctness_reward
+    from trl_alp.tasks import correctness_reward
 
     (in_tmp / "my_cli_rewards.py").write_text(REWARDS_PY)
     dotted = cli.load_reward("my_cli_rewards.length_reward")  # TRL's form, found in the current folder
@@ -130,7 +138,7 @@ def test_reward_forms_like_trls_script(in_tmp):
     [
         (
             "nope",
-            "unknown reward 'nope': use one of ['correctness', 'number_format', 'digit_share', 'accuracy_reward'",
+            "unknown reward 'nope': use one of ['correctness', 'number_format', 'digit_share', 'running_sums', 'accuracy_reward'",
         ),
         ("no_such_module.f", "no module named 'no_such_module' in the current folder"),
         ("my_cli_rewards.missing", "module 'my_cli_rewards' has no function 'missing'"),
@@ -159,7 +167,7 @@ def test_exception_in_a_reward_function_keeps_its_traceback(in_tmp):
 def test_reward_arguments_must_be_dataset_columns(in_tmp, capsys):
     from trl.rewards import accuracy_reward
 
-    from trl_alp.cli.data import correctness_reward, number_format_reward
+    from trl_alp.tasks import correctness_reward, number_format_reward
 
     assert cli.required_columns(correctness_reward) == {"answer"}
     assert cli.required_columns(accuracy_reward) == {"solution"}

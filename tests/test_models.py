@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_alp.cli import models
+from trl_alp.experiments import models
 from trl_alp.perturbation import find_decoder_layers
 
 
+@pytest.mark.slow
 def test_smollm2_converts_once_and_loads_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("TRL_ALP_CACHE", str(tmp_path))
     path = models.smollm2_path()

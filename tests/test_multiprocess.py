@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.multiprocess  # torchrun with two ranks
+
 
 def _free_port() -> int:
     with socket.socket() as s:

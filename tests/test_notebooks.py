@@ -148,6 +148,7 @@ def _check_mismatch(nb, out: Path) -> None:
 CHECKS = {QUICKSTART: _check_quickstart, MISMATCH: _check_mismatch}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_in_smoke_mode(name, tmp_path, monkeypatch):
     """Every cell runs offline on CPU, and the run folders, plots, tables and adapter it promises are on disk."""
@@ -179,6 +180,7 @@ def _source(nb, startswith: str) -> str:
     return source
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_install_cell_installs_the_checkout_or_asks_for_repo_url(name, tmp_path, monkeypatch):
     """Outside smoke mode, with %pip recorded instead of run: from the checkout's notebooks/ folder the cell installs
@@ -210,22 +212,42 @@ def test_install_cell_installs_the_checkout_or_asks_for_repo_url(name, tmp_path,
     )
 
 
+RUNTIMES = [(True, False), (True, True), (False, False)]  # (CUDA, native bf16): a T4, an A100, a CPU
+
+
+def _fake_runtime(cuda: bool, native_bf16: bool) -> str:
+    return (
+        "import torch\n"
+        f"torch.cuda.is_available = lambda: {cuda}\n"
+        f"torch.cuda.is_bf16_supported = lambda including_emulation=True: {native_bf16} or including_emulation"
+    )
+
+
+@pytest.fixture(scope="module")
+def rollout_dtype_cells(tmp_path_factory) -> dict:
+    """For each runtime of RUNTIMES in turn, in one kernel: the mismatch notebook's parameters cell (it sets
+    ROLLOUT_DTYPE = None again), that runtime's fake torch.cuda, and the cell that picks the rollout dtype."""
+    tmp_path = tmp_path_factory.mktemp("rollout_dtype")
+    nb = _read(MISMATCH)
+    sources = []
+    for runtime in RUNTIMES:
+        sources += [_code_cells(nb)[0].source, _fake_runtime(*runtime), _source(nb, "import gc")]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _environment(monkeypatch, smoke="1", out=tmp_path / "out")
+        cells = _run_cells(sources, cwd=tmp_path)
+    return {runtime: cells[3 * i : 3 * i + 3] for i, runtime in enumerate(RUNTIMES)}
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("cuda", "native_bf16", "expected"),
     [(True, False, "float16"), (True, True, "bfloat16"), (False, False, "bfloat16")],
     ids=["T4: fp16", "A100: bf16", "CPU: bf16 autocast"],
 )
-def test_mismatch_rollout_dtype_follows_the_runtime(cuda, native_bf16, expected, tmp_path, monkeypatch):
+def test_mismatch_rollout_dtype_follows_the_runtime(cuda, native_bf16, expected, rollout_dtype_cells):
     """ROLLOUT_DTYPE=None picks what the runtime computes in natively: a T4 emulates bf16 (torch's default
     `is_bf16_supported()` says True there) but only has fp16."""
-    _environment(monkeypatch, smoke="1", out=tmp_path / "out")
-    nb = _read(MISMATCH)
-    fake_cuda = (
-        "import torch\n"
-        f"torch.cuda.is_available = lambda: {cuda}\n"
-        f"torch.cuda.is_bf16_supported = lambda including_emulation=True: {native_bf16} or including_emulation"
-    )
-    cells = _run_cells([_code_cells(nb)[0].source, fake_cuda, _source(nb, "import gc")], cwd=tmp_path)
+    cells = rollout_dtype_cells[(cuda, native_bf16)]
     assert not [out for cell in cells for out in cell.outputs if out.output_type == "error"]
     stdout = "".join(out.text for out in cells[2].outputs if out.output_type == "stream" and out.name == "stdout")
     assert stdout == f"rollouts in {expected} - training in fp32\n"

@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import trl_alp.perturbation as perturbation_module
-from trl_alp.cli.tiny import TINY_CONFIGS, build_tiny_model
+from trl_alp.experiments.models import TINY_CONFIGS, build_tiny_model
 from trl_alp.perturbation import (
     LayerPerturbation,
     NoiseStash,
@@ -100,7 +100,7 @@ def test_parse_layer_spec(spec, expected):
     assert parse_layer_spec(spec, 9) == expected
 
 
-def test_presets_keep_at_least_one_layer():
+def test_layer_groups_keep_at_least_one_layer():
     assert parse_layer_spec("early", 2) == [0] and parse_layer_spec("late", 2) == [1]
     assert parse_layer_spec("middle", 1) == [0]
 

@@ -1,4 +1,4 @@
-"""Ratio-envelope plots (`trl_alp.cli.plot`, `trl-alp plot`): the logged values are drawn, and a run with nothing
+"""Ratio-envelope plots (`trl_alp.experiments.plots`, `trl-alp plot`): the logged values are drawn, and a run with nothing
 to draw is refused with the reason instead of an empty PNG."""
 
 import pytest
@@ -6,8 +6,9 @@ from tiny_setup import TRAINER_SETTINGS, length_reward
 
 from trl_alp import ALPConfig, ALPGRPOTrainer
 from trl_alp.cli.main import main
-from trl_alp.cli.plot import envelope_data, load_log_history, plot_envelopes
-from trl_alp.cli.tiny import build_tiny_model
+from trl_alp.experiments.models import build_tiny_model
+from trl_alp.experiments.plots import envelope_data, plot_envelopes
+from trl_alp.experiments.runner import load_log_history
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from tiny_setup import last_logged
 
 from trl_alp import ALPGRPOTrainer
-from trl_alp.cli.tiny import build_tiny_model
+from trl_alp.experiments.models import build_tiny_model
 from trl_alp.loss import aggregate_loss, alp_log_weights, clipped_surrogate, sequence_log_ratio
 
 
@@ -62,9 +62,9 @@ def test_nonfinite_logprobs_are_counted_masked_and_never_propagate(make_trainer,
 
 def test_nonfinite_sigma_gradient_is_dropped(make_trainer):
     trainer = make_trainer(max_steps=2)
-    from trl_alp.trainer import _SigmaGradCallback
+    from trl_alp.backends import SigmaGradCallback
 
-    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, _SigmaGradCallback))
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SigmaGradCallback))
     original = callback.on_pre_optimizer_step
 
     def poison(*args, **kwargs):

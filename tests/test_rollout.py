@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from trl_alp.cli.tiny import build_tiny_model
+from trl_alp.experiments.models import build_tiny_model
 from trl_alp.rollout import SampledLogprobRecorder, record_generate_logprobs
 
 

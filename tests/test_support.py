@@ -252,7 +252,7 @@ def test_off_policy_replay_equals_full_logits_restricted_to_the_support(make_tra
     with torch.no_grad():
         for p in trainer.model.parameters():  # the policy moves after sampling
             p.add_(0.05 * torch.randn_like(p))
-        replayed, _, _ = trainer._completion_logps(trainer.model, batch)
+        replayed, _, _ = trainer._alp_completion_logps(trainer.model, batch)
         ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
         mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
         width = batch["completion_ids"].size(1)
@@ -281,9 +281,9 @@ def test_off_policy_replay_equals_full_logits_restricted_to_the_support(make_tra
 
 def test_without_truncation_nothing_changes(make_trainer, monkeypatch):
     calls = []
-    replay = ALPGRPOTrainer._replayed_logps_and_entropies
+    replay = ALPGRPOTrainer._alp_replayed_logps_and_entropies
     monkeypatch.setattr(
-        ALPGRPOTrainer, "_replayed_logps_and_entropies", lambda *a, **k: calls.append(1) or replay(*a, **k)
+        ALPGRPOTrainer, "_alp_replayed_logps_and_entropies", lambda *a, **k: calls.append(1) or replay(*a, **k)
     )
     trainer = train_one_step(make_trainer, correction="token-bypass", learning_rate=1e-2)
     assert calls == []

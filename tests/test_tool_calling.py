@@ -15,9 +15,9 @@ from engines import StandInVLLM, script_generation
 from tiny_setup import PROMPT_ROWS, TRAINER_SETTINGS, last_logged
 
 from trl_alp import ALPConfig, ALPGRPOTrainer
-from trl_alp.cli.data import calculator
 from trl_alp.cli.main import main
-from trl_alp.cli.tiny import build_tiny_model, build_tool_tokenizer
+from trl_alp.experiments.models import build_tiny_model, build_tool_tokenizer
+from trl_alp.tasks import calculator
 
 CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "3 + 4"}}\n</tool_call>'
 
@@ -78,7 +78,7 @@ def assert_rollout_logps_are_the_models_on_every_turn(trainer):
     model-generated token of every turn; tool-output tokens carry 0 (so they must stay out of any ratio)."""
     for batch in trainer.seen:
         with torch.no_grad():
-            clean, _, _ = trainer._completion_logps(trainer.model, batch)
+            clean, _, _ = trainer._alp_completion_logps(trainer.model, batch)
         rollout, valid = batch["sampling_per_token_logps"], batch["completion_mask"].bool()
         generated, tool = valid & batch["tool_mask"].bool(), valid & ~batch["tool_mask"].bool()
         assert tool.any(), "no tool result in the completions"
@@ -217,7 +217,7 @@ def test_docs_tools_example_runs(tmp_path, monkeypatch):
 
 
 def test_cli_tool_recipe_trains_with_the_calculator(tmp_path, monkeypatch):
-    """The docs' `trl-alp train --config trl_alp/recipes/tiny_tool_use.yaml`, one step."""
+    """The docs' `trl-alp train --config trl_alp/configs/tiny_tool_use.yaml`, one step."""
     from trl_alp.trainer import ALPGRPOTrainer
 
     seen, train = {}, ALPGRPOTrainer.train
@@ -227,7 +227,7 @@ def test_cli_tool_recipe_trains_with_the_calculator(tmp_path, monkeypatch):
         return train(self, *args, **kwargs)
 
     monkeypatch.setattr(ALPGRPOTrainer, "train", recording)
-    recipe = str(files("trl_alp") / "recipes" / "tiny_tool_use.yaml")
+    recipe = str(files("trl_alp") / "configs" / "tiny_tool_use.yaml")
     assert main(["train", "--config", recipe, "--max_steps", "1", "--output_dir", str(tmp_path / "o")]) == 0
     assert seen["tools"] == [calculator]
     assert seen["args"].alp_recipe == "paper-multi-turn" and seen["args"].alp_init_sigma == 1e-6
@@ -238,11 +238,11 @@ def test_cli_tool_recipe_trains_with_the_calculator(tmp_path, monkeypatch):
 def test_cli_tools_split_on_commas_and_bad_tools_fail_in_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = ["train", "--model_name_or_path", "tiny", "--bf16", "false", "--use_cpu", "true", "--report_to", "none"]
-    assert main([*argv, "--tools", "trl_alp.cli.data:calculator,no.such.module:tool"]) == 2
+    assert main([*argv, "--tools", "trl_alp.tasks:calculator,no.such.module:tool"]) == 2
     assert "cannot import tool 'no.such.module:tool': no module named 'no'" in capsys.readouterr().err
-    assert main([*argv, "--tools", "trl_alp.cli.data:no_such_tool"]) == 2
+    assert main([*argv, "--tools", "trl_alp.tasks:no_such_tool"]) == 2
     error = capsys.readouterr().err
-    assert "cannot import tool 'trl_alp.cli.data:no_such_tool': module 'trl_alp.cli.data' has no function" in error
+    assert "cannot import tool 'trl_alp.tasks:no_such_tool': module 'trl_alp.tasks' has no function" in error
     assert main([*argv, "--tools", "calculator"]) == 2
     assert "tool 'calculator': use 'package.module:function'" in capsys.readouterr().err
 
@@ -260,7 +260,7 @@ def test_truncated_sampling_replays_the_support_on_every_model_turn(tool_tokeniz
         generated, tool = valid & batch["tool_mask"].bool(), valid & ~batch["tool_mask"].bool()
         assert tool.any() and (counts[tool] == 0).all() and (counts[generated] > 0).all()
         with torch.no_grad():
-            replayed, _, _ = trainer._completion_logps(trainer.model, batch)
+            replayed, _, _ = trainer._alp_completion_logps(trainer.model, batch)
         rollout = batch["sampling_per_token_logps"]
         sampled = generated & torch.isfinite(rollout)  # a scripted token outside top-p has no rollout log-prob
         assert sampled.sum() > generated.sum() // 2

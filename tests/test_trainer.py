@@ -13,7 +13,8 @@ from trl import GRPOConfig, GRPOTrainer
 
 import trl_alp.perturbation as perturbation_module
 from trl_alp import ALPGRPOTrainer
-from trl_alp.cli.tiny import build_tiny_model
+from trl_alp.experiments.models import build_tiny_model
+from trl_alp.trainer import LogpsCall
 
 
 def _hooks(trainer):
@@ -167,18 +168,18 @@ def test_old_pass_skip_spares_the_reference_pass(make_trainer):
     trainer = make_trainer(max_steps=1, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     ids = torch.tensor([[5, 6, 7, 8]])
     args = (ids, torch.ones_like(ids), 2)
-    trainer._alp_skip_old_pass = True
-    with torch.no_grad():
+    with torch.no_grad(), trainer._alp_logps_call(LogpsCall(skip_old=True)) as call:
         with use_adapter(trainer.accelerator.unwrap_model(trainer.model), adapter_name=None):
             ref, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, *args)
-        assert ref is not None and trainer._alp_skip_old_pass  # the reference ran and the skip is still armed
+        assert ref is not None and call.skip_old  # the reference ran and the skip is still armed
         old, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, *args)
-        assert old is None and not trainer._alp_skip_old_pass  # the old pass is skipped, once
+        assert old is None and not call.skip_old  # the old pass is skipped, once
         again, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, *args)
     assert again is not None
-    trainer._alp_skip_old_pass = True
-    grad, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, *args)  # a loss forward (grad enabled)
+    with trainer._alp_logps_call(LogpsCall(skip_old=True)):
+        grad, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, *args)  # a loss forward (grad enabled)
     assert grad is not None
+    assert trainer._alp_call == LogpsCall()  # each call site's state is gone with its context
 
 
 @pytest.mark.parametrize("staleness", [dict(num_iterations=2), dict(steps_per_generation=2)])
@@ -320,20 +321,46 @@ def test_hooks_removed_when_training_raises(make_trainer):
     assert _hooks(trainer) == 0
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"])
-def test_every_loss_type_trains(make_trainer, loss_type):
-    trainer = make_trainer(max_steps=1, loss_type=loss_type, correction="token-alp")
-    trainer.train()
-    assert math.isfinite(last_logged(trainer, "loss"))
+# Every loss type under token-alp: test_trl_parity.py's test_token_alp_is_trl_token_level_on_the_same_perturbed_forward
+# (the loss and the gradients equal TRL's own `_compute_loss` on the same batch and the same noise).
+
+
+def _completion_logps_by_hand(model, inputs, temperature):
+    """log π of each completion token: one plain forward over prompt + completion, logits divided by temperature."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    width = inputs["completion_ids"].size(1)
+    logits = model(input_ids=ids, attention_mask=attention).logits[:, -width - 1 : -1].float() / temperature
+    return logits.log_softmax(-1).gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
 
 
 def test_beta_kl_is_logged(make_trainer, tmp_path, tokenizer):
+    """beta > 0: the logged `kl` of each step is the masked mean of k3 = e^(ref − π) − (ref − π) − 1 over its loss
+    batch, with π and the reference log-probs computed here by hand (the reference from its own copy of the initial
+    weights). seq-bypass perturbs nothing, so the loss forward is the plain one."""
     model = build_tiny_model(tokenizer)
     model.save_pretrained(tmp_path / "base")  # TRL rebuilds the reference model from the config's path
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
-    trainer = make_trainer(model=model, max_steps=2, beta=0.1)
+    trainer = make_trainer(model=model, max_steps=3, beta=0.1, correction="seq-bypass")
+    expected = []
+    compute_loss = trainer._compute_loss
+
+    def spy(model, inputs):
+        with torch.no_grad():
+            policy = _completion_logps_by_hand(model, inputs, trainer.args.temperature)
+            ref = _completion_logps_by_hand(reference, inputs, trainer.args.temperature)
+        mask = inputs["completion_mask"].float()
+        k3 = torch.exp(ref - policy) - (ref - policy) - 1
+        expected.append(((k3 * mask).sum() / mask.sum()).item())
+        return compute_loss(model, inputs)
+
+    trainer._compute_loss = spy
     trainer.train()
-    assert last_logged(trainer, "kl") >= 0
+    logged = [h["kl"] for h in trainer.state.log_history if "kl" in h]  # one loss batch per step
+    assert len(expected) == 3 and logged == pytest.approx(expected, rel=1e-4, abs=1e-9)
+    assert expected[0] == pytest.approx(0.0, abs=1e-9)  # step 1: the policy is still the reference
+    assert min(expected[1:]) > 1e-6  # then the policy moves away: the agreement is not 0 == 0
 
 
 @pytest.mark.parametrize(
@@ -374,7 +401,7 @@ def test_ratio_metrics_of_long_divergent_sequences(make_trainer):
     """The per-sequence mean log-ratio (log-ppl difference) is taken before the ±20 clamp of the sequence sum."""
     trainer = make_trainer(max_steps=1)
     logps, rollout, mask = torch.zeros(2, 30), torch.full((2, 30), -1.0), torch.ones(2, 30)
-    trainer._log_ratio_metrics("train", "probe", logps, rollout, mask)
+    trainer.alp_metrics.log_ratio("train", "probe", logps, rollout, mask)
     metrics = trainer._metrics["train"]
     assert metrics["probe/mismatch/log_ppl_diff"] == [pytest.approx(-1.0)]  # not -20/30
     assert metrics["probe/ratio/seq/max"] == [pytest.approx(math.exp(20.0), rel=1e-5)]  # the sum is clamped

@@ -17,11 +17,12 @@ import trl.trainer.grpo_trainer as grpo_module
 from engines import StandInVLLM
 from tiny_setup import PROMPT_ROWS, TRAINER_SETTINGS, length_reward
 from trl import GRPOConfig, GRPOTrainer
+from trl.generation.vllm_generation import VLLMGeneration
 
 from trl_alp import ALPConfig, ALPGRPOTrainer
-from trl_alp.cli.tiny import build_tiny_model
+from trl_alp.compat import GENERATE_LOGPROBS, GENERATE_OUTPUTS, GRPO_TRAINER_METHODS, VLLM_GENERATION_METHODS
+from trl_alp.experiments.models import build_tiny_model
 from trl_alp.loss import LOSS_TYPES
-from trl_alp.trainer import TRL_METHODS
 
 RTOL = 1e-6  # of the loss, and of each gradient relative to its largest entry
 # Trainer attributes TRL copies from its config in __init__ (ALPGRPOTrainer inherits them).
@@ -145,6 +146,7 @@ def assert_same(trl_trainer, alp_trainer, trl_inputs, alp_inputs=None, micro_bat
     for name, grad in trl_grads.items():
         tol = dict(rtol=RTOL, atol=RTOL * grad.abs().max().item())
         torch.testing.assert_close(alp_grads[name], grad, **tol, msg=lambda m, n=name: f"gradient of {n}: {m}")
+    return trl_loss, alp_loss
 
 
 def without_vllm_is(batch: dict, old_is_rollout: bool = True) -> dict:
@@ -163,6 +165,41 @@ def test_token_bypass_is_trl_token_level_with_old_equal_rollout(trainers, batche
     configure(trl_trainer, loss_type=loss_type, vllm_importance_sampling_correction=False, **{**TRL_ALP_CLIP, **cap})
     configure(alp_trainer, loss_type=loss_type, correction="token-bypass", alp_dual_clip=None)
     assert_same(trl_trainer, alp_trainer, without_vllm_is(batches["token_truncate"]))
+
+
+ALP_SIGMA = 0.3  # σ of the token-alp parity test: noise that moves the loss far beyond RTOL
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_token_alp_is_trl_token_level_on_the_same_perturbed_forward(trainers, batches, loss_type):
+    """token-alp is TRL's token-level loss with π_old = μ on a perturbed policy forward: TRL's model, given the same
+    noise (its own LayerPerturbation with ALP's σ, seed and noise coordinates), gives the same loss and gradients."""
+    from trl_alp.perturbation import LayerPerturbation, find_decoder_layers
+
+    trl_trainer, alp_trainer = trainers
+    cap = dict(epsilon_high=4.0) if loss_type == "cispo" else {}
+    configure(trl_trainer, loss_type=loss_type, vllm_importance_sampling_correction=False, **{**TRL_ALP_CLIP, **cap})
+    configure(alp_trainer, loss_type=loss_type, correction="token-alp", alp_dual_clip=None)
+    inputs = without_vllm_is(batches["token_truncate"])
+    alp_noise = alp_trainer.alp_perturbation
+    assert alp_noise.layer_indices == [0, 1] and alp_noise.log_sigma.requires_grad
+    _, trl_layers = find_decoder_layers(trl_trainer.model)
+    trl_noise = LayerPerturbation(trl_layers, alp_noise.layer_indices, init_sigma=ALP_SIGMA, seed=alp_noise.seed)
+    saved = alp_noise.log_sigma.detach().clone()
+    try:
+        with torch.no_grad():
+            alp_noise.log_sigma.fill_(math.log(ALP_SIGMA))
+        clean, _ = loss_and_grads(alp_trainer, inputs)  # no hooks: the unperturbed forward
+        with alp_noise.active(step=1, micro_step=0), trl_noise.active(step=1, micro_step=0):
+            trl_loss, alp_loss = assert_same(trl_trainer, alp_trainer, inputs)
+        assert alp_noise.applied == [1, 1] or alp_noise.applied == [2, 2]  # each layer perturbed (+ recomputation)
+        assert alp_loss != pytest.approx(clean, rel=1e-3)  # the noise is in the loss, so the agreement is not trivial
+        sigma_grad = alp_noise.log_sigma.grad
+        assert sigma_grad is not None and torch.isfinite(sigma_grad).all() and (sigma_grad != 0).all()  # σ learns
+    finally:
+        with torch.no_grad():
+            alp_noise.log_sigma.copy_(saved)
+        alp_noise.log_sigma.grad = None
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -244,12 +281,14 @@ def test_kl_with_and_without_bias_correction(trainers, batches, correction, trl_
     batch = batches["token_truncate"]
     inputs = batch if correction == "token-tis" else without_vllm_is(batch)
     assert_same(trl_trainer, alp_trainer, inputs)
+    trl_kl, alp_kl = (trainer._metrics["train"]["kl"][-1] for trainer in trainers)  # the logged KL, too
+    assert alp_kl == pytest.approx(trl_kl, rel=RTOL) and alp_kl > 0
 
 
 def opsm_threshold(trainer, inputs) -> float:
     """An off-policy-mask threshold that drops some negative-advantage sequences of `inputs` and keeps others."""
     with torch.no_grad():
-        logps = trainer._completion_logps(trainer.model, inputs)[0]
+        logps = trainer._alp_completion_logps(trainer.model, inputs)[0]
     mask = inputs["completion_mask"]
     seq_kl = ((inputs["sampling_per_token_logps"] - logps) * mask).sum(-1) / mask.sum(-1)
     negative = seq_kl[inputs["advantages"] < 0].sort().values
@@ -305,7 +344,7 @@ def test_seq_ratio_is_the_product_not_trls_mean(trainers, batches):
     alp_loss, _ = loss_and_grads(alp_trainer, inputs)
     # by hand: grpo aggregation of −min(w·A, clip(w)·A) with w the product of the token ratios of each sequence
     with torch.no_grad():
-        logps = alp_trainer._completion_logps(alp_trainer.model, inputs)[0]
+        logps = alp_trainer._alp_completion_logps(alp_trainer.model, inputs)[0]
     mask = inputs["completion_mask"].double()
     log_w = ((logps - inputs["sampling_per_token_logps"]) * mask).sum(-1).clamp(-20, 20)
     w, adv = log_w.exp(), inputs["advantages"]
@@ -346,7 +385,7 @@ def test_log_ratios_are_clamped_at_20(trainers, batches):
     mask = inputs["completion_mask"].double()
     token = inputs["advantages"][0].item() / mask.sum().item()  # that token's share of the bnpo mean per unit ratio
     with torch.no_grad():
-        log_r = alp_trainer._completion_logps(alp_trainer.model, inputs)[0][0, 0] - shifted[0, 0]
+        log_r = alp_trainer._alp_completion_logps(alp_trainer.model, inputs)[0][0, 0] - shifted[0, 0]
     assert log_r > 20
     # the other tokens agree; that one enters ALP's loss with e^20 and TRL's with e^log_r (no clip: ε_high = 1e15)
     assert alp_loss == pytest.approx(-token * math.exp(20.0), rel=1e-3)
@@ -392,12 +431,31 @@ def test_kl_weight_of_the_product_ratio_is_the_token_ratio(trainers, batches):
 # ------------------------------------------------------------------------------------------ TRL's methods
 
 
-@pytest.mark.parametrize("name", sorted(TRL_METHODS))
+TRL_SURFACE = {
+    **{f"GRPOTrainer.{name}": (GRPOTrainer, name, params) for name, params in GRPO_TRAINER_METHODS.items()},
+    **{f"VLLMGeneration.{name}": (VLLMGeneration, name, params) for name, params in VLLM_GENERATION_METHODS.items()},
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRL_SURFACE))
 def test_trl_methods_have_the_signatures_this_release_was_built_against(name):
-    method = getattr(GRPOTrainer, name, None)
-    assert method is not None, f"TRL's GRPOTrainer has no {name}: trl-alp was built against TRL 1.16"
+    cls, attribute, expected = TRL_SURFACE[name]
+    method = getattr(cls, attribute, None)
+    assert method is not None, f"TRL has no {name}: trl-alp was built against TRL 1.16"
     params = tuple(inspect.signature(method).parameters)
-    assert params == TRL_METHODS[name], (
-        f"GRPOTrainer.{name}{params} differs from TRL 1.16's {TRL_METHODS[name]}: ALPGRPOTrainer overrides or calls "
+    assert params == expected, (
+        f"{name}{params} differs from TRL 1.16's {expected}: trl-alp overrides or calls "
         "it, so this TRL version is not supported (see pyproject.toml's trl range)."
     )
+
+
+def test_trl_generate_returns_the_tuple_this_release_reads(trainers):
+    """`ALPGRPOTrainer._generate` reads the rollout log-prob rows at a fixed place of TRL's `_generate` tuple."""
+    trl_trainer, _ = trainers
+    prompts = [row["prompt"] for row in PROMPT_ROWS[:2]]
+    with torch.no_grad():
+        output = trl_trainer._generate(prompts)
+    assert len(output) == GENERATE_OUTPUTS
+    completion_ids, logprobs = output[1], output[GENERATE_LOGPROBS]
+    assert [len(row) for row in logprobs] == [len(ids) for ids in completion_ids]
+    assert all(isinstance(value, float) and value <= 0.0 for row in logprobs for value in row)

@@ -22,8 +22,11 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from trl_alp.cli.tiny import build_tiny_model  # noqa: E402
-from trl_alp.vllm_engine import ALPVLLMGeneration, engine_dtype, kv_cache_bytes  # noqa: E402
+from trl_alp.experiments.models import build_tiny_model  # noqa: E402
+from trl_alp.vllm_engine import DISTRIBUTED_ENV, ALPVLLMGeneration, engine_dtype, kv_cache_bytes  # noqa: E402
+
+# Every test here needs vLLM importable (this module imports it), and all but the KV-cache sizing one build an engine.
+pytestmark = pytest.mark.vllm
 
 # vLLM's CPU attention refuses head_dim 16 (the other tests' tiny model): hidden 256 over 4 heads gives 64.
 HIDDEN = 256
@@ -65,10 +68,27 @@ def assert_on_policy_every_step(trainer, steps):
         assert 1 - RATIO_TOL <= low <= high <= 1 + RATIO_TOL, (lows, highs)
 
 
+def test_a_trainer_built_after_an_engine_is_not_ddp_wrapped(vllm_trainer, make_trainer, tmp_path, monkeypatch):
+    """TRL's colocate setup writes RANK/WORLD_SIZE/MASTER_* for vLLM's rendezvous; left in os.environ they made the
+    next trainer of the process (the demo's next correction, a notebook's comparison) a DDP run of world size 1."""
+    from accelerate.utils import DistributedType
+    from torch.nn.parallel import DistributedDataParallel
+
+    for key in DISTRIBUTED_ENV:
+        monkeypatch.delenv(key, raising=False)
+    vllm_trainer(correction="token-bypass", max_steps=1)
+    assert [key for key in DISTRIBUTED_ENV if key in os.environ] == []
+    second = make_trainer(correction="token-bypass", max_steps=1, output_dir=str(tmp_path / "second"))
+    assert second.accelerator.distributed_type == DistributedType.NO
+    second.train()
+    assert not isinstance(second.model_wrapped, DistributedDataParallel)
+
+
 def test_bypass_on_an_fp32_engine_is_exactly_on_policy_while_the_weights_move(vllm_trainer, monkeypatch):
     monkeypatch.delenv("MASTER_PORT", raising=False)
     trainer = vllm_trainer(correction="token-bypass", max_steps=3)
-    assert int(os.environ["MASTER_PORT"]) not in TRL_PORTS  # the engine rendezvoused on a port of its own
+    assert trainer.vllm_generation.rendezvous_port not in TRL_PORTS  # the engine rendezvoused on a port of its own
+    assert "MASTER_PORT" not in os.environ  # and left the process's environment as it found it
     assert isinstance(trainer.vllm_generation, ALPVLLMGeneration)
     assert engine_dtype(trainer.vllm_generation.llm) == torch.float32
     sent = []
@@ -171,9 +191,9 @@ def test_resume_restores_sigma_and_syncs_the_restored_weights(vllm_trainer, tmp_
 
 
 def test_trainers_built_one_after_another_share_the_process(vllm_trainer):
-    trainers = [vllm_trainer(correction=c, max_steps=1) for c in ("seq-bypass", "seq-alp", "token-bypass")]
-    trainers[-1].train()  # the third engine builds and trains: the earlier ones were released
-    assert trainers[0].vllm_generation.llm is None and trainers[1].vllm_generation.llm is None
+    trainers = [vllm_trainer(correction=c, max_steps=1) for c in ("seq-bypass", "seq-alp")]
+    trainers[-1].train()  # the second engine builds and trains: the first one was released
+    assert trainers[0].vllm_generation.llm is None
     with pytest.raises(RuntimeError, match="engine was released"):
         trainers[0].train()
 

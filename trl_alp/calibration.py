@@ -9,13 +9,21 @@ for small σ), so bisection on the log scale converges in a handful of forwards.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .loss import k3
+
+if TYPE_CHECKING:
+    from .perturbation import LayerPerturbation
+
+logger = logging.getLogger(__name__)
 
 # No measurable mismatch below this k3 KL (nats/token): fp32 rollouts of the training weights give ~1e-12.
 MISMATCH_KL_FLOOR = 1e-8
@@ -113,3 +121,69 @@ def masked_k3_kl(log_ratio: torch.Tensor, mask: torch.Tensor, reduce: bool = Tru
     if not reduce:
         return total, count
     return (total / count).item() if count > 0 else math.nan
+
+
+def report_calibration(result: Calibration) -> None:
+    """Log what one calibration chose, and why when it fell back."""
+    if result.fallback:
+        logger.warning(
+            "alp_init_sigma='auto': the training–rollout mismatch KL on the first batch is %.3g (below the floor, "
+            "or no rollout log-probs): nothing to calibrate against, using σ₀ = %g.",
+            result.mismatch_kl,
+            result.sigma,
+        )
+    else:
+        logger.info(
+            "alp_init_sigma='auto': mismatch k3 KL %.3g → σ₀ = %.4g (noise k3 KL %.3g, target %.3g, %d forwards)",
+            result.mismatch_kl,
+            result.sigma,
+            result.noise_kl,
+            result.target_kl,
+            result.forwards,
+        )
+
+
+def calibrate_on_batch(
+    completion_logps: Callable[[], torch.Tensor],
+    perturbation: LayerPerturbation,
+    mask: torch.Tensor,
+    rollout_logps: torch.Tensor | None,
+    target_ratio: float,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+    seed_key: tuple[int, int, int],
+) -> Calibration:
+    """`calibrate_sigma` on one batch, leaving the chosen σ₀ in every perturbed layer.
+
+    Args:
+        completion_logps: A forward of the batch's completion tokens (run here without grad).
+        perturbation: The `LayerPerturbation` to calibrate.
+        mask: The tokens that count; those without a finite rollout log-prob are left out.
+        rollout_logps: The rollout engine's log-probs, or `None` (nothing to calibrate against: the fallback σ).
+        target_ratio: ``alp_sigma_target``.
+        reduce_sum: A sum over every process (every process calls it in the same order).
+        seed_key: ``(step, micro_step, rank)`` of the noise draws, when the perturbation is not already active.
+    """
+    mask = mask * torch.isfinite(rollout_logps) if rollout_logps is not None else mask
+
+    def global_k3(log_ratio: torch.Tensor) -> float:
+        total, count = reduce_sum(torch.stack(masked_k3_kl(log_ratio, mask, reduce=False))).tolist()
+        return total / count if count > 0 else math.nan
+
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        clean = completion_logps()
+        mismatch = (
+            math.nan
+            if rollout_logps is None
+            else global_k3(clean - torch.nan_to_num(rollout_logps, nan=0.0, posinf=0.0, neginf=0.0))
+        )
+        if not perturbation.is_active:
+            stack.enter_context(perturbation.active(*seed_key))
+
+        def noise_kl(sigma: float) -> float:
+            perturbation.log_sigma.fill_(math.log(sigma))
+            with perturbation.forced():
+                return global_k3(completion_logps() - clean)
+
+        result = calibrate_sigma(noise_kl, mismatch, target_ratio)
+        perturbation.log_sigma.fill_(math.log(result.sigma))
+    return result

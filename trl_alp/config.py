@@ -12,7 +12,7 @@ from trl import GRPOConfig
 from .corrections import CORRECTIONS, Correction
 from .loss import ROLLOUT_MASK_LEVELS, Clip
 from .perturbation import validate_layer_spec
-from .presets import PRESETS, apply_preset
+from .recipes import RECIPES, apply_recipe
 from .rollout import ROLLOUT_DTYPES, ROLLOUT_WEIGHT_BITS
 from .support import truncates
 
@@ -140,7 +140,7 @@ class ALPConfig(GRPOConfig):
     Parameters: Recipe
         alp_recipe (`str`, *optional*):
             `"paper-single-turn"` or `"paper-multi-turn"`: every algorithmic field of one of the authors' released
-            scripts (`trl_alp/presets.py`). Fields you pass explicitly win, even at their default value.
+            scripts (`trl_alp/recipes.py`). Fields you pass explicitly win, even at their default value.
     """
 
     correction: str = field(
@@ -222,7 +222,7 @@ class ALPConfig(GRPOConfig):
         default=None,
         metadata={
             "help": "The ALP authors' recipe: paper-single-turn or paper-multi-turn; fields you pass win.",
-            "choices": [None, *PRESETS],
+            "choices": [None, *RECIPES],
         },
     )
     alp_rollout_mask: str | None = field(
@@ -256,7 +256,7 @@ class ALPConfig(GRPOConfig):
 
     def __post_init__(self):
         if self.alp_recipe is not None:  # first, so every check below sees the final values
-            apply_preset(self, self.alp_recipe, getattr(self, "_alp_explicit", None))
+            apply_recipe(self, self.alp_recipe, getattr(self, "_alp_explicit", None))
         # ALP fields first: a typo fails in a second, before TRL/transformers set up devices.
         if self.correction not in CORRECTIONS:
             raise ValueError(f"correction must be one of {list(CORRECTIONS)}, got {self.correction!r}")

@@ -379,3 +379,24 @@ def rollout_mask_weights(
     keep = (weights >= low) & (weights <= high)
     weights = torch.where(keep, weights if weighted else torch.ones_like(weights), 0.0) * mask
     return weights.detach(), ~keep & mask.bool()
+
+
+def drop_nonfinite(
+    mask: torch.Tensor, logps: torch.Tensor, rollout_logps: torch.Tensor, entropies: torch.Tensor
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Tokens the engine could not score (vLLM reports NaN) or whose training log-prob is not finite carry no ratio:
+    drop them from `mask` and zero them, so no NaN reaches σ or the weights.
+
+    Returns:
+        ``(mask, logps, rollout_logps, entropies)`` cleaned, and the counts of masked tokens dropped for a non-finite
+        rollout log-prob and for a non-finite training log-prob, as a float tensor ``[rollout, numerator]``.
+    """
+    rollout_ok, numerator_ok = torch.isfinite(rollout_logps), torch.isfinite(logps.detach())
+    faults = torch.stack([(mask * ~rollout_ok).sum(), (mask * ~numerator_ok).sum()]).float()
+    cleaned = (
+        mask * rollout_ok * numerator_ok,
+        torch.where(numerator_ok, logps, 0.0),
+        torch.where(rollout_ok, rollout_logps, 0.0),
+        torch.nan_to_num(entropies, nan=0.0, posinf=0.0, neginf=0.0),
+    )
+    return cleaned, faults

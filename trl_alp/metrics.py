@@ -10,7 +10,8 @@ import math
 
 import torch
 
-from .loss import LOG_RATIO_CLAMP, k3
+from .loss import LOG_RATIO_CLAMP, alp_log_weights, k3, sequence_log_ratio
+from .support import support_stats
 
 QUANTILES = {
     "q01": 0.01,
@@ -75,3 +76,84 @@ def weight_diagnostics(log_ratio: torch.Tensor) -> dict[str, float]:
     for k in TAIL_FACTORS:
         values += [(log_w > math.log(k)).double().mean(), (log_w < -math.log(k)).double().mean()]
     return dict(zip(names, torch.stack(values).tolist(), strict=True))
+
+
+class ALPMetrics:
+    """ALP's diagnostics of a trainer, reduced across processes and appended to its ``_metrics[mode]``.
+
+    Every method reduces or gathers over the processes: every rank calls them in the same order.
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def __getitem__(self, mode: str):
+        return self.trainer._metrics[mode]
+
+    def masked_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
+        """The mean of `values` over the tokens of `mask`, over every process."""
+        values = values.expand_as(mask).float()
+        local = torch.stack([(values * mask).sum(), mask.sum().float()])
+        total, count = self.trainer.accelerator.reduce(local, reduction="sum").tolist()
+        return total / max(count, 1.0)
+
+    def gather_flat(self, values: torch.Tensor) -> torch.Tensor:
+        """Gather 1-D tensors of different lengths from every process (NaN-padded)."""
+        accelerator = self.trainer.accelerator
+        values = values.detach().float().contiguous()
+        if accelerator.num_processes > 1:
+            values = accelerator.pad_across_processes(values, dim=0, pad_index=math.nan)
+            values = accelerator.gather(values)
+        return values
+
+    def log_ratio(self, mode: str, prefix: str, logps, rollout_logps, mask) -> None:
+        """Quantiles, tail fractions, χ², ESS and KL estimates of ``π/μ`` at token and sequence level."""
+        metrics = self[mode]
+        valid = mask.bool() & torch.isfinite(rollout_logps)
+        rollout_logps = torch.nan_to_num(rollout_logps, nan=0.0, posinf=0.0, neginf=0.0)
+        logps, valid_f = logps.detach(), valid.float()
+        token = self.gather_flat(alp_log_weights(logps, rollout_logps, valid_f, "token")[valid])
+        seq = self.gather_flat(sequence_log_ratio(logps, rollout_logps, valid_f, "sequence"))
+        seq_mean = self.gather_flat(sequence_log_ratio(logps, rollout_logps, valid_f, "geometric"))
+        for level, values in (("token", token), ("seq", seq)):
+            for name, value in quantile_stats(torch.exp(values)).items():
+                metrics[f"{prefix}/ratio/{level}/{name}"].append(value)
+            for name, value in weight_diagnostics(values).items():
+                metrics[f"{prefix}/ratio/{level}/{name}"].append(value)
+        for name, value in mismatch_stats(token, seq_mean).items():
+            metrics[f"{prefix}/mismatch/{name}"].append(value)
+
+    def log_sigma(self, mode: str, perturbation) -> None:
+        """σ of every perturbed site (``alp/sigma/layer_<label>``) and its min, mean and max."""
+        sigma = perturbation.sigma
+        if not sigma.numel():
+            return
+        metrics = self[mode]
+        for label, value in zip(perturbation.labels, sigma.tolist(), strict=True):
+            metrics[f"alp/sigma/layer_{label}"].append(value)
+        metrics["alp/sigma/min"].append(sigma.min().item())
+        metrics["alp/sigma/mean"].append(sigma.mean().item())
+        metrics["alp/sigma/max"].append(sigma.max().item())
+
+    def log_clip(self, mode: str, clip_stats: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
+        """The clipped shares under ALP's names and TRL's (``clip_ratio/*``)."""
+        metrics = self[mode]
+        low = self.masked_mean(clip_stats["low"], mask)
+        high = self.masked_mean(clip_stats["high"], mask)
+        metrics["alp/clip/low"].append(low)
+        metrics["alp/clip/high"].append(high)
+        metrics["alp/clip/dual"].append(self.masked_mean(clip_stats["dual"], mask))
+        metrics["clip_ratio/low_mean"].append(low)
+        metrics["clip_ratio/high_mean"].append(high)
+        metrics["clip_ratio/region_mean"].append(self.masked_mean(clip_stats["low"] | clip_stats["high"], mask))
+
+    def log_support(self, mode: str, rows) -> None:
+        """Support size, truncated share and the engine's kept mass of a generation batch (``alp/support/*``)."""
+        stats = support_stats(rows or [])
+        names = ("size", "truncated_frac", "engine_kept_mass")
+        accelerator = self.trainer.accelerator
+        local = torch.tensor([stats.get(name, math.nan) for name in names], device=accelerator.device)
+        values = accelerator.gather(local[None]).nanmean(0).tolist()
+        for name, value in zip(names, values, strict=True):
+            if not math.isnan(value):
+                self[mode][f"alp/support/{name}"].append(value)

@@ -82,11 +82,12 @@ def find_decoder_layers(model: nn.Module, path: str | None = None) -> tuple[str,
     )
 
 
-_PRESETS = ("all", "none", "early", "middle", "late", "logits")
+# The layer groups `alp_layers` accepts by name (besides indices and ranges).
+_LAYER_GROUPS = ("all", "none", "early", "middle", "late", "logits")
 
 
 def _layer_ranges(spec: str | Sequence[int] | None) -> str | list[tuple[int, int]]:
-    """Syntax of a layer selection: a preset name, or inclusive ``(lo, hi)`` ranges. Raises on malformed input."""
+    """Syntax of a layer selection: a layer group name, or inclusive ``(lo, hi)`` ranges. Raises on malformed input."""
     if spec is None:
         return "all"
     if not isinstance(spec, str):
@@ -94,7 +95,7 @@ def _layer_ranges(spec: str | Sequence[int] | None) -> str | list[tuple[int, int
             raise ValueError(f"alp_layers={spec!r}: a list selection must hold ints only.")
         return [(i, i) for i in spec]
     text = spec.strip().lower()
-    if text in _PRESETS:
+    if text in _LAYER_GROUPS:
         return text
     if "logits" in text:
         raise ValueError(
@@ -137,7 +138,7 @@ def parse_layer_spec(spec: str | Sequence[int] | None, num_layers: int) -> list[
         return list(range(num_layers))
     if parsed in ("none", "logits"):  # "logits" perturbs no decoder layer (see LayerPerturbation)
         return []
-    if isinstance(parsed, str):  # thirds of the stack; each preset keeps at least one layer
+    if isinstance(parsed, str):  # thirds of the stack; each group keeps at least one layer
         bounds = {"early": (0, 1), "middle": (1, 2), "late": (2, 3)}[parsed]
         start, stop = (round(b * num_layers / 3) for b in bounds)
         return list(range(min(start, num_layers - 1), max(stop, start + 1)))

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .support import kept_support, sampled_support
+from .support import kept_support, sampled_support, supported_logp
 
 # autocast dtype of each alp_rollout_dtype on the generate path ("float32": none, the model's own precision)
 ROLLOUT_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -97,6 +97,18 @@ class SampledLogprobRecorder(LogitsProcessor):
         self._pending, self._pending_support, self._steps, self._support_steps = None, None, [], []
         self.results.append(logps)
         return logps
+
+    def rows(self, completion_ids: list[list[int]]) -> list[list[float]]:
+        """The last call's log-probs as TRL's rows, one per completion and cut to its length; with warpers each value
+        is a `SupportedLogp` carrying its support."""
+        rows = [row[: len(ids)].tolist() for row, ids in zip(self.results[-1].cpu(), completion_ids, strict=True)]
+        if self.warpers is None:
+            return rows
+        ids, sizes, masses, covers = (t.cpu().tolist() for t in self.supports[-1])
+        return [
+            [supported_logp(*token) for token in zip(*row)]
+            for row in zip(rows, ids, sizes, masses, covers, strict=True)
+        ]
 
 
 @contextlib.contextmanager

@@ -171,6 +171,26 @@ def pack_supports(rows: list[list[float]], width: int) -> tuple[torch.Tensor, to
     return table, counts, covers
 
 
+class RolloutSupports:
+    """A generation batch's rollout rows and their sampling supports, packed into a table once per token width: TRL's
+    old and reference passes and the batch itself all read it."""
+
+    def __init__(self, rows: list[list[float]]):
+        self.rows = rows
+        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def carried_by(rows: list[list[float]]) -> bool:
+        """Whether `rows` carry supports (an engine of this package's; a custom ``rollout_func`` may return none)."""
+        return any(isinstance(value, SupportedLogp) for row in rows for value in row)
+
+    def table(self, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`pack_supports` of the rows at `width` token columns."""
+        if width not in self._tables:
+            self._tables[width] = pack_supports(self.rows, width)
+        return self._tables[width]
+
+
 def _scaled_logits(hidden, weight, bias, ids, temperature, logit_scale, softcap):
     """TRL's fused-head transform of the logits ``hidden · W[ids]`` (scale, soft-cap, temperature), in fp32."""
     z = (hidden.float() * weight[ids].float()).sum(-1)

@@ -18,6 +18,8 @@ things, each narrowly:
 * **rendezvous port**: a single-process run whose ``MASTER_PORT`` is unset (or ``0``/``auto``) takes a port the OS
   assigns; TRL takes the first free one of a fixed list, so two runs that start their engines together pick the
   same one and one fails with EADDRINUSE. Multi-process runs keep TRL's choice (their ranks must share the port).
+* **environment**: TRL's colocate setup writes ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_*`` into ``os.environ``
+  for vLLM's rendezvous; they are restored once the engine is built, so the process is left as it was found.
 * **release**: `release` shuts the engine down and frees it; a new ALP engine releases any earlier one in the
   process first (an engine is only usable by the trainer that built it, and two cannot share a CPU's memory).
 """
@@ -37,17 +39,35 @@ import torch
 from trl.generation import vllm_generation
 from trl.generation.vllm_generation import VLLMGeneration
 
+from .rollout import ROLLOUT_DTYPES as VLLM_DTYPES  # the same dtypes as the generate path
 from .support import support_from_top_logprobs
 
 logger = logging.getLogger(__name__)
 
-VLLM_DTYPES = ("float32", "bfloat16", "float16")
 # KV-cache floor on the CPU backend: vLLM needs room for at least one full-length sequence, in whole blocks.
 MIN_KV_CACHE_BYTES = 16 * 2**20
 # Prompt tokens per sequence the CPU KV cache is sized for (plus max_completion_length); longer ones still run.
 PROMPT_TOKENS_PLANNED = 1024
 
+# What TRL's colocate setup writes into os.environ for vLLM's rendezvous. Left there, a trainer built later in the same
+# process reads them and wraps its model in DDP with world size 1, and a subprocess joins this process's rendezvous.
+DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
 _live_engines: weakref.WeakSet = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def restored_environ(keys: tuple[str, ...]) -> Iterator[None]:
+    """Within the context `keys` may be set or changed in ``os.environ``; on exit they are as they were before."""
+    saved = {key: os.environ.get(key) for key in keys}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def claim_master_port(num_processes: int = 1) -> None:
@@ -101,6 +121,7 @@ class ALPVLLMGeneration(VLLMGeneration):
             raise ValueError(f"alp_rollout_dtype must be one of {list(VLLM_DTYPES)} or None, got {dtype!r}")
         self.dtype = dtype
         self.support_tokens, self.support_bound = support_tokens, support_bound
+        self.rendezvous_port: int | None = None
         super().__init__(*args, **kwargs)
         if support_tokens:  # TRL's request becomes the sampled token's log-prob plus the top N
             vocab = self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size
@@ -122,7 +143,6 @@ class ALPVLLMGeneration(VLLMGeneration):
             return super()._init_vllm()
         for engine in list(_live_engines):  # one engine per process: a finished trainer's engine goes first
             engine.release()
-        claim_master_port(self.accelerator.num_processes)
         extra = {"dtype": self.dtype or "auto"}
         if self.support_tokens:
             extra["max_logprobs"] = max(self.support_tokens, 20)  # vLLM refuses requests above it (default 20)
@@ -133,8 +153,10 @@ class ALPVLLMGeneration(VLLMGeneration):
             extra["kv_cache_memory_bytes"] = kv_cache_bytes(
                 self.model.config, dtype, self.max_num_seqs or 1, max_len, planned
             )
-        with _llm_kwargs(**extra):
+        with restored_environ(DISTRIBUTED_ENV), _llm_kwargs(**extra):
+            claim_master_port(self.accelerator.num_processes)
             super()._init_vllm()
+            self.rendezvous_port = int(os.environ["MASTER_PORT"])  # the port the engine rendezvoused on
         _live_engines.add(self)
         logger.info(
             "vLLM colocate engine runs in %s (alp_rollout_dtype=%r)%s.",

@@ -1,7 +1,8 @@
-"""What the experiment commands (``demo``, ``stress``, ``bench``, ``mismatch``) share, so each holds only its own logic.
+"""What the experiment runners (``demo``, ``stress``, ``bench``, ``mismatch``, ``plot``) share, so each holds only its
+own logic.
 
-Their runs' common settings, their comma-separated flags, the summaries they read from a Trainer log history, and
-their reports: Markdown tables and strict JSON.
+Their runs' common settings, their comma-separated flags, the runs' log histories (read from ``trainer_state.json``)
+and the summaries taken from them, and their reports: Markdown tables and strict JSON.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import statistics
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-from .plot import series
 
 # Every experiment run logs each step (its summary and plots read the log history), saves no checkpoint and reports
 # to no tracker; the command shows its own progress, if any (see `remove_log_printers`).
@@ -32,7 +31,7 @@ TRAINING_SETTINGS = {
 
 
 def remove_log_printers(trainer) -> None:
-    """Remove the Trainer's progress bar and metric printer: their output would bury the command's own."""
+    """Remove the Trainer's progress bar and metric printer: their output would bury the runner's own."""
     from transformers import PrinterCallback, ProgressCallback
 
     for callback in (PrinterCallback, ProgressCallback):
@@ -115,6 +114,37 @@ def mean(values: Sequence[float]) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
+def state_path(run_dir: str) -> str:
+    """The run's ``trainer_state.json``, or its newest ``checkpoint-*``'s when the run was not finished."""
+    path = os.path.join(run_dir, "trainer_state.json")
+    if os.path.exists(path):
+        return path
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"run folder {run_dir!r} does not exist")
+    checkpoints = sorted(
+        (d for d in os.listdir(run_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[-1])
+    )
+    if not checkpoints:
+        raise FileNotFoundError(f"{run_dir}: no trainer_state.json (nor checkpoint-*/trainer_state.json) found")
+    return os.path.join(run_dir, checkpoints[-1], "trainer_state.json")
+
+
+def load_log_history(run_dir: str) -> list[dict]:
+    """The ``log_history`` of a run folder (or of its newest ``checkpoint-*`` when the run was not finished)."""
+    return read_json(state_path(run_dir))["log_history"]
+
+
+def series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """Steps and values of `key` in a log history (entries without it, or with None/NaN, are skipped)."""
+    steps, values = [], []
+    for entry in history:
+        value = entry.get(key)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            steps.append(entry["step"])
+            values.append(float(value))
+    return steps, values
+
+
 class LogHistory:
     """A Trainer's ``log_history`` read metric by metric.
 
@@ -187,5 +217,6 @@ def write_json(path: str, data: Any) -> None:
 
 
 def read_json(path: str) -> Any:
+    """The JSON data of the file `path`."""
     with open(path) as f:
         return json.load(f)

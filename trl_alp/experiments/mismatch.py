@@ -18,6 +18,7 @@ the full π against the full μ) and after it (π_S/μ_S), token and sequence qu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -25,8 +26,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from ..support import (
-    SupportedLogp,
     kept_support,
+    pack_supports,
+    replay_forward,
     sampled_support,
     support_from_top_logprobs,
     support_stats,
@@ -34,7 +36,7 @@ from ..support import (
     supported_logp,
     truncates,
 )
-from .experiment import comma_list, int_list, markdown_table, write_json
+from .runner import comma_list, int_list, markdown_table, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -124,27 +126,8 @@ def token_stats(log_ratio) -> dict[str, float]:
     return stats
 
 
-def _prepare_model(args: MismatchArguments) -> str:
-    if args.model == "smollm2":
-        from .models import smollm2_path
-
-        return smollm2_path()
-    if args.model == "tiny":
-        from .tiny import build_tiny_model, build_tokenizer
-
-        folder = os.path.join(args.output_dir, "tiny-model")
-        tokenizer = build_tokenizer()
-        model = build_tiny_model(tokenizer, hidden_size=256, seed=args.seed, max_position_embeddings=512)
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        return folder
-    if not os.path.isdir(args.model):
-        raise ValueError(f"--model {args.model!r}: use 'smollm2', 'tiny' or a local model folder")
-    return args.model
-
-
 def _prompt_ids(tokenizer, args: MismatchArguments) -> list[list[int]]:
-    from .data import arithmetic_dataset
+    from ..tasks import arithmetic_dataset
 
     rows = arithmetic_dataset(args.num_prompts, seed=args.seed)
     return [
@@ -258,37 +241,37 @@ def sample_generate(model, engine: dict, prompts: list[list[int]], args: Mismatc
 
 def training_logps(model, prompts: list[list[int]], completions: list[list[int]], supports=None):
     """fp32 training-forward log-probs of each completion's tokens (no noise, no padding): ``(full, replayed)``,
-    replayed over each token's support when `supports` (rows of `SupportedLogp`) is given, else ``None``."""
+    replayed over each token's support when `supports` (rows of `SupportedLogp`) is given, else ``None``.
+
+    The replay is the trainer's (`trl_alp.support.replay_forward` on the same forward); a token whose engine value
+    carries no support (vLLM's NaN) is NaN."""
     import torch
 
     full, replayed = [], []
     with torch.no_grad():
         for b, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
             ids = torch.tensor([prompt + completion])
-            logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+            with contextlib.ExitStack() as stack:
+                if supports is not None:
+                    table, counts, covers = pack_supports([supports[b]], len(completion))
+                    rows = stack.enter_context(replay_forward(model, ids, len(completion), table, counts, covers, 1.0))
+                logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
             full.append(torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(completion)[:, None])[:, 0])
             if supports is not None:
-                replayed.append(
-                    torch.stack(
-                        [
-                            logits[t, y] - torch.logsumexp(logits[t, list(value.support)], 0) + value.log_cover
-                            if isinstance(value, SupportedLogp)
-                            else torch.tensor(math.nan)
-                            for t, (y, value) in enumerate(zip(completion, supports[b], strict=True))
-                        ]
-                    )
-                )
+                replayed.append(torch.where(counts[0] > 0, rows[0][0], math.nan))
     return torch.stack(full).double(), (torch.stack(replayed).double() if supports is not None else None)
 
 
 def run_mismatch(args: MismatchArguments) -> dict:
     """Measure every engine of `args`, writing results.json, results.md and mismatch.png after each; return the results."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from .models import load_tokenizer, model_folder
 
     os.makedirs(args.output_dir, exist_ok=True)
-    folder = _prepare_model(args)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    folder = model_folder(args.model, args.seed)
+    tokenizer = load_tokenizer(folder)
     prompts = _prompt_ids(tokenizer, args)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     results = {"settings": asdict(args), "engines": {}}

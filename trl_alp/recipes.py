@@ -1,8 +1,8 @@
-"""The ALP authors' published recipes as one-line presets: ``ALPConfig(alp_recipe="paper-multi-turn")``.
+"""The ALP authors' published recipes, one line each: ``ALPConfig(alp_recipe="paper-multi-turn")``.
 
-Each preset sets the algorithmic fields of one released training script of amazon-science/adaptive-layerwise-
+Each recipe sets the algorithmic fields of one released training script of amazon-science/adaptive-layerwise-
 perturbation (commit 96a96556) and nothing else; model, data, batch sizes, sequence lengths and steps stay yours.
-Fields you pass explicitly win over the preset (see `ALPConfig` for how "explicit" is detected).
+Fields you pass explicitly win over the recipe (see `ALPConfig` for how "explicit" is detected).
 
 * ``paper-single-turn``: ``single-turn/run_scripts/run_exp_perturbation.sh`` with perturbation enabled (σ₀ 0.02,
   ``perturb_lr`` 1e-2 and ``coef_learnable`` True are the defaults of ``single-turn/verl/workers/config/actor.py`` and
@@ -14,7 +14,7 @@ Fields you pass explicitly win over the preset (see `ALPConfig` for how "explici
   ``multi-turn/verl/workers/fsdp_workers.py`` (AdamW betas (0.9, 0.99), weight decay 0.01, constant schedule).
   The script also passes ``rollout_is=True`` (sequence mask, band [0, 5]), but with ``use_perturbation=True`` its
   actor (``multi-turn/verl/workers/actor/dp_actor.py``) calls ``compute_policy_loss_perturbed``, which never reads
-  the rollout-IS settings: the published ALP run trained without that mask. The preset reproduces what ran
+  the rollout-IS settings: the published ALP run trained without that mask. The recipe reproduces what ran
   (``alp_rollout_mask=None``); add ``alp_rollout_mask="sequence"`` for what the flags describe.
 """
 
@@ -42,7 +42,7 @@ _ALP_COMMON: dict[str, Any] = {
     "top_k": 0,
 }
 
-PRESETS: dict[str, dict[str, Any]] = {
+RECIPES: dict[str, dict[str, Any]] = {
     "paper-single-turn": {
         **_ALP_COMMON,
         "alp_init_sigma": 0.02,  # perturb_std
@@ -67,27 +67,27 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def apply_preset(config: Any, name: str, explicit: Collection[str] | None) -> list[str]:
-    """Set the fields of preset `name` on `config`, except the `explicit` ones; returns the names it set.
+def apply_recipe(config: Any, name: str, explicit: Collection[str] | None) -> list[str]:
+    """Set the fields of recipe `name` on `config`, except the `explicit` ones; returns the names it set.
 
     ``explicit=None`` means "unknown": then a field still equal to its dataclass default counts as not given (so
     passing a default value explicitly cannot be told apart from not passing it).
     """
-    if name not in PRESETS:
-        raise ValueError(f"alp_recipe must be one of {list(PRESETS)} or None, got {name!r}")
+    if name not in RECIPES:
+        raise ValueError(f"alp_recipe must be one of {list(RECIPES)} or None, got {name!r}")
     if explicit is None:
         defaults = {f.name: f.default for f in dataclasses.fields(config)}
-        explicit = {key for key in PRESETS[name] if getattr(config, key) != defaults[key]}
-    applied = [key for key in PRESETS[name] if key not in explicit]
+        explicit = {key for key in RECIPES[name] if getattr(config, key) != defaults[key]}
+    applied = [key for key in RECIPES[name] if key not in explicit]
     for key in applied:
-        setattr(config, key, PRESETS[name][key])
+        setattr(config, key, RECIPES[name][key])
     return applied
 
 
 def rebuild_with_recipe(config: Any, explicit: Collection[str]) -> Any:
     """A new config of the same class with only the `explicit` fields of `config` and its ``alp_recipe``.
 
-    For argument parsers (TRL's `TrlParser`) that construct the config with every field: the preset then fills the
+    For argument parsers (TRL's `TrlParser`) that construct the config with every field: the recipe then fills the
     fields the user did not give on the command line or in the YAML file.
     """
     names = {f.name for f in dataclasses.fields(config) if f.init}

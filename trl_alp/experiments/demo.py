@@ -20,16 +20,16 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from .experiment import (
+from .runner import (
     TRAINING_SETTINGS,
     LogHistory,
     comma_list,
+    load_log_history,
     markdown_table,
     number,
     remove_log_printers,
     write_json,
 )
-from .plot import load_log_history
 
 logger = logging.getLogger(__name__)
 
@@ -309,10 +309,10 @@ def _duration(seconds: float) -> str:
 
 def run_demo(args: DemoArguments) -> dict[str, dict[str, float]]:
     """Train one run per correction and write the report; returns the table rows."""
+    from ..tasks import load_task
     from ..trainer import ALPGRPOTrainer
-    from .data import load_task
     from .models import load_offline_model
-    from .plot import plot_envelopes
+    from .plots import plot_envelopes
 
     check_demo_args(args)
     if args.threads:

@@ -1,46 +1,15 @@
-"""The commands' plots: ratio envelopes like the ALP paper's Figure 2, read from runs' ``trainer_state.json``, and the
+"""The experiments' plots: ratio envelopes like the ALP paper's Figure 2, read from runs' ``trainer_state.json``, and the
 stress test's phase diagram."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
 
+from .runner import load_log_history, read_json, series, state_path
+
 ENVELOPE_KEYS = ("q02", "q25", "q50", "q75", "q98")
-
-
-def _state_path(run_dir: str) -> str:
-    """The run's ``trainer_state.json``, or its newest ``checkpoint-*``'s when the run was not finished."""
-    path = os.path.join(run_dir, "trainer_state.json")
-    if os.path.exists(path):
-        return path
-    if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"run folder {run_dir!r} does not exist")
-    checkpoints = sorted(
-        (d for d in os.listdir(run_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[-1])
-    )
-    if not checkpoints:
-        raise FileNotFoundError(f"{run_dir}: no trainer_state.json (nor checkpoint-*/trainer_state.json) found")
-    return os.path.join(run_dir, checkpoints[-1], "trainer_state.json")
-
-
-def load_log_history(run_dir: str) -> list[dict]:
-    """The ``log_history`` of a run folder (or of its newest ``checkpoint-*`` when the run was not finished)."""
-    with open(_state_path(run_dir)) as f:
-        return json.load(f)["log_history"]
-
-
-def series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
-    """Steps and values of `key` in a log history (entries without it, or with None/NaN, are skipped)."""
-    steps, values = [], []
-    for entry in history:
-        value = entry.get(key)
-        if value is not None and not (isinstance(value, float) and math.isnan(value)):
-            steps.append(entry["step"])
-            values.append(float(value))
-    return steps, values
 
 
 def envelope_data(history: list[dict], level: str = "seq") -> dict[str, tuple[list[int], list[float]]]:
@@ -71,9 +40,8 @@ def load_envelopes(
 
 def _why_empty(run_dir: str, level: str) -> str:
     """Why a run has no `alp/ratio/{level}/*` values, from the trainer_state.json it was read from."""
-    path = _state_path(run_dir)
-    with open(path) as f:
-        state = json.load(f)
+    path = state_path(run_dir)
+    state = read_json(path)
     steps, every = state.get("global_step", 0), state.get("logging_steps")
     if every and steps < every:
         return (
@@ -134,7 +102,7 @@ def plot_phase_diagram(
     reward (mean ± std over seeds).
 
     Args:
-        table: The aggregated rows by cell and correction (`trl_alp.cli.stress.aggregate`).
+        table: The aggregated rows by cell and correction (`trl_alp.experiments.stress.aggregate`).
         cells: The columns, weakest mismatch first.
         corrections: The rows.
         outcomes: The outcome names, best first (each a key of `OUTCOME_COLORS`).

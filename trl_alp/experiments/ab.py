@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
-import json
 import logging
 import os
 import sys
@@ -37,8 +36,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .bench import _minor_page_faults, _profiled_tensor_peak, stats
-from .experiment import BenchModelArguments, machine_info
+from .bench import minor_page_faults, profiled_tensor_peak, stats
+from .runner import BenchModelArguments, machine_info, remove_log_printers, to_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -220,14 +219,14 @@ class MicroStep:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             start_bytes = torch.cuda.memory_allocated()
-        faults = _minor_page_faults()
+        faults = minor_page_faults()
         wall, cpu = self.now()
         self.run(arm)
         wall_end, cpu_end = self.now()
         record = {
             "wall_s": wall_end - wall,
             "cpu_s": cpu_end - cpu,
-            "minor_page_faults": None if faults is None else _minor_page_faults() - faults,
+            "minor_page_faults": None if faults is None else minor_page_faults() - faults,
             "noise_applications": sum(self.perturbation.applied),
         }
         if self.cuda:
@@ -244,36 +243,28 @@ class MicroStep:
             with open(table, "w") as f:
                 f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=50))
         self.reset()
-        return _profiled_tensor_peak(prof)
+        return profiled_tensor_peak(prof)
 
 
 def _identity(inputs):
     return inputs
 
 
-def _quiet(trainer) -> None:
-    from transformers import PrinterCallback, ProgressCallback
-
-    for callback in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(callback)
-
-
 def build(args: ABArguments) -> MicroStep:
     """Both trainers on one model, each after one real optimizer step on one batch, that batch, and the step."""
-    from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
     from ..config import ALPConfig
+    from ..tasks import REWARD_FUNCS, arithmetic_dataset
     from ..trainer import ALPGRPOTrainer
-    from .data import REWARD_FUNCS, arithmetic_dataset
-    from .models import load_offline_model
+    from .models import load_offline_model, lora_config
 
     cuda = torch.cuda.is_available()
     model, tokenizer, lora = load_offline_model(args.model, seed=args.seed)
     if args.finetune == "full":
         lora = None
     elif args.finetune == "lora" and lora is None:
-        lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+        lora = lora_config()
     settings = dict(
         max_steps=1,
         per_device_train_batch_size=args.completions,
@@ -315,7 +306,7 @@ def build(args: ABArguments) -> MicroStep:
         return training_step(model, inputs, num_items_in_batch)
 
     alp._prepare_inputs, alp.training_step = capture_batch, capture_items
-    _quiet(alp)
+    remove_log_printers(alp)
     alp.train()  # one real step: the batch (generated here), the optimizer with σ's group, checkpointing on
     del alp._prepare_inputs, alp.training_step
     # TRL's trainer on the same (possibly PEFT-wrapped) model, trained one real step on the same batch
@@ -325,7 +316,7 @@ def build(args: ABArguments) -> MicroStep:
         **common,
     )
     grpo._prepare_inputs = lambda _: captured["batch"]
-    _quiet(grpo)
+    remove_log_printers(grpo)
     grpo.train()
     return MicroStep(alp, grpo, captured["batch"], captured["num_items"], args.optimizer_step)
 
@@ -499,9 +490,8 @@ def main(args: ABArguments) -> dict:
     with _stdout_to_stderr():
         results = run_ab(args)
     table = format_table(results)
-    with open(os.path.join(args.output_dir, "ab.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(os.path.join(args.output_dir, "ab.json"), results)
     with open(os.path.join(args.output_dir, "ab.md"), "w") as f:
         f.write(table + "\n")
-    print(json.dumps(results, indent=2) if args.json else table)
+    print(to_json(results) if args.json else table)
     return results

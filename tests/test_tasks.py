@@ -4,7 +4,7 @@ import re
 
 from datasets import Dataset
 
-from trl_alp.cli.data import (
+from trl_alp.tasks import (
     addition_dataset,
     arithmetic_dataset,
     correctness_reward,
@@ -69,7 +69,7 @@ def test_gsm8k_mapping():
 
 
 def test_digits_task_and_reward():
-    from trl_alp.cli.data import digit_share_reward, digits_dataset
+    from trl_alp.tasks import digit_share_reward, digits_dataset
 
     data = digits_dataset(16, seed=1)
     assert len(data) == 16 and data[0]["prompt"][0]["role"] == "user"
@@ -79,7 +79,7 @@ def test_digits_task_and_reward():
 
 
 def test_load_task_pairs_each_task_with_the_rewards_that_verify_it():
-    from trl_alp.cli.data import digit_share_reward, digits_dataset, load_task
+    from trl_alp.tasks import digit_share_reward, digits_dataset, load_task
 
     data, rewards = load_task("digits", 8, seed=2)
     assert data["prompt"] == digits_dataset(8, seed=2)["prompt"] and rewards == [digit_share_reward]

@@ -1,6 +1,6 @@
 """``trl-alp bench``: the cost of ALP against TRL's `GRPOTrainer` on the user's own hardware.
 
-Every *arm* (scenario × trainer) runs in a fresh process (``python -m trl_alp.cli.bench --worker SPEC``), so peak
+Every *arm* (scenario × trainer) runs in a fresh process (``python -m trl_alp.experiments.bench --worker SPEC``), so peak
 memory is its own and no allocator or cache state leaks between arms; arms are interleaved (GRPO, ALP, ALP, GRPO,
 ...) over ``--repeats`` rounds so slow drifts of a shared machine hit both trainers alike. Each optimizer step is split:
 
@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import TrainerCallback
 
-from .experiment import (
+from .runner import (
     RUN_SETTINGS,
     BenchModelArguments,
     LogHistory,
@@ -280,7 +280,7 @@ def _phase_profile(prof, steps: int) -> dict:
     return {**{phase: dict(ops) for phase, ops in self_ms.items()}, "noise_ms": noise_ms}
 
 
-def _profiled_tensor_peak(prof) -> int:
+def profiled_tensor_peak(prof) -> int:
     """Peak of the live CPU tensor bytes over the profiled steps, above their level when the profiler started.
 
     The sum, in time order, of the allocation (+) and free (−) records that the profiler takes with
@@ -304,7 +304,7 @@ def _profiled_tensor_peak(prof) -> int:
     return peak
 
 
-def _minor_page_faults() -> int | None:
+def minor_page_faults() -> int | None:
     """This process's minor page faults so far (None where ``resource`` is missing, e.g. on Windows)."""
     try:
         import resource
@@ -315,14 +315,13 @@ def _minor_page_faults() -> int | None:
 
 def run_arm(spec: dict) -> dict:
     """Train one arm in this process and return its per-step timings and peak memory."""
-    from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
     from ..config import ALPConfig
+    from ..tasks import REWARD_FUNCS, arithmetic_dataset
     from ..trainer import ALPGRPOTrainer
     from ..vllm_engine import alp_engine
-    from .data import REWARD_FUNCS, arithmetic_dataset
-    from .models import load_offline_model
+    from .models import load_offline_model, lora_config
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -354,7 +353,7 @@ def run_arm(spec: dict) -> dict:
     if finetune == "full":
         lora = None
     elif finetune == "lora" and lora is None:
-        lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+        lora = lora_config()
     prompts = generations * per_generation * spec["completions"] // spec["num_generations"]
     # TRL's GRPOTrainer builds the same engine as ALP's (TRL's weight sync cannot write to vLLM's CPU backend)
     with alp_engine("float32" if spec["engine"] == "vllm" else None):
@@ -376,14 +375,14 @@ def run_arm(spec: dict) -> dict:
         profiler = torch.profiler.profile(activities=activities, profile_memory=True)
         trainer.add_callback(ProfileMeasuredSteps(profiler, spec["warmup"] * cycle))
     baseline = memory.start()
-    faults = _minor_page_faults()
+    faults = minor_page_faults()
     try:
         trainer.train()
     finally:
         if profiler is not None and profiler.profiler is not None:
             profiler.stop()
     peak = memory.peak()
-    faults = None if faults is None else _minor_page_faults() - faults  # null in the JSON where not measured
+    faults = None if faults is None else minor_page_faults() - faults  # null in the JSON where not measured
 
     measured = timer.steps[spec["warmup"] * cycle :]
     lengths = LogHistory(trainer.state.log_history).values("completions/mean_length")
@@ -411,14 +410,14 @@ def run_arm(spec: dict) -> dict:
         path = os.path.join(spec["output_dir"], f"profile-{spec['scenario']}-{spec['kind']}-r{spec['repeat']}.txt")
         with open(path, "w") as f:
             f.write(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
-        result["profile"] = {"file": path, "tensor_peak_bytes": _profiled_tensor_peak(profiler), **phases}
+        result["profile"] = {"file": path, "tensor_peak_bytes": profiled_tensor_peak(profiler), **phases}
     return result
 
 
 def _worker_main(argv: list[str]) -> None:
-    """``python -m trl_alp.cli.bench --worker SPEC.json``: run one arm, write its result next to the spec."""
+    """``python -m trl_alp.experiments.bench --worker SPEC.json``: run one arm, write its result next to the spec."""
     if len(argv) != 2 or argv[0] != "--worker":
-        raise SystemExit("usage: python -m trl_alp.cli.bench --worker SPEC.json")
+        raise SystemExit("usage: python -m trl_alp.experiments.bench --worker SPEC.json")
     os.dup2(2, 1)  # the parent's stdout belongs to its table / JSON: everything of the worker goes to stderr
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     spec = read_json(argv[1])
@@ -432,7 +431,7 @@ def _spawn(spec: dict, workdir: str) -> dict:
     spec = {**spec, "result": os.path.join(workdir, f"{name}.result.json")}
     write_json(spec_path, spec)
     load_before = os.getloadavg()[0]
-    done = subprocess.run([sys.executable, "-m", "trl_alp.cli.bench", "--worker", spec_path], check=False)
+    done = subprocess.run([sys.executable, "-m", "trl_alp.experiments.bench", "--worker", spec_path], check=False)
     if done.returncode != 0:
         raise RuntimeError(f"bench arm {name} failed (exit status {done.returncode}); its log is above.")
     result = read_json(spec["result"])

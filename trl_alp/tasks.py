@@ -1,4 +1,10 @@
-"""Offline task data and verifiable rewards for the demo, the recipes and the notebooks.
+"""The offline tasks that users, config files and the experiments name: datasets, verifiable rewards, a tool.
+
+* datasets: `arithmetic_dataset`, `addition_dataset`, `digits_dataset` (generated, no download) and
+  `gsm8k_to_prompts` (GSM8K's columns to ``prompt`` / ``answer``);
+* rewards: `REWARD_FUNCS` by name (``trl-alp train --reward_funcs correctness number_format``);
+* the `calculator` tool (``tools: [trl_alp.tasks:calculator]`` in a config file);
+* `TASKS` / `load_task`: a task's prompts and its rewards, by name.
 
 The rewards parse the completion's last number and compare it with the ``answer`` column. `math-verify` (and
 TRL's `accuracy_reward`, built on it) target LaTeX / ``\\boxed{}`` answers, which small chat models rarely write, so a
@@ -8,6 +14,7 @@ plain last-number check is the verifiable reward that fits these integer tasks.
 from __future__ import annotations
 
 import ast
+import functools
 import operator
 import random
 import re
@@ -96,6 +103,7 @@ def _text(completion) -> str:
 
 
 def last_number(text: str) -> str | None:
+    """The last number in `text` (thousands separators dropped), or ``None``."""
     numbers = _NUMBER.findall(text.replace(",", ""))
     return numbers[-1] if numbers else None
 
@@ -169,10 +177,61 @@ def digit_share_reward(completions, **kwargs) -> list[float]:
     return rewards
 
 
+def running_sums_example(rng: random.Random, digits: int) -> tuple[str, str]:
+    """One running-sums problem: ``("Running sums: 3 8 1 ...", "3 1 2 ...")``, the answer being the running sums of
+    the digits mod 10."""
+    values = [rng.randrange(10) for _ in range(digits)]
+    sums, total = [], 0
+    for value in values:
+        total = (total + value) % 10
+        sums.append(total)
+    return "Running sums: " + " ".join(map(str, values)), " ".join(map(str, sums))
+
+
+def running_sums_dataset(n: int = 256, seed: int = 0, digits: int = 64) -> Dataset:
+    """`n` running-sums prompts of `digits` digits each: the task of the stress test's sharp policy
+    (`trl_alp.experiments.sharp`). Columns ``prompt``, ``answer`` and ``digits`` (the prompt's digits, which
+    `running_sums_reward` checks against)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt, answer = running_sums_example(rng, digits)
+        rows.append(
+            {"prompt": [{"role": "user", "content": prompt}], "answer": answer, "digits": prompt.split(": ")[1]}
+        )
+    return Dataset.from_list(rows)
+
+
+def running_sums_reward(completions, digits, **kwargs) -> list[float]:
+    """The share of the running sums written right before the first error (1.0: all of them, nothing extra).
+
+    Each completion is read as whitespace-separated tokens; position i must be the running sum mod 10 of the first
+    i + 1 prompt digits. A wrong, missing or extra token ends the credit there, so one early slip costs more than a
+    late one: the reward of a whole sequence, dense enough to learn from.
+    """
+    rewards = []
+    for completion, given in zip(completions, digits, strict=True):
+        values, total, expected = [int(d) for d in given.split()], 0, []
+        for value in values:
+            total = (total + value) % 10
+            expected.append(str(total))
+        written = _text(completion).split()
+        right = 0
+        for token, want in zip(written, expected):
+            if token != want:
+                break
+            right += 1
+        exact = right == len(expected) and len(written) == len(expected)
+        rewards.append(1.0 if exact else min(right, len(expected) - 1) / len(expected))
+    return rewards
+
+
+# The rewards `trl-alp train --reward_funcs` knows by name.
 REWARD_FUNCS = {
     "correctness": correctness_reward,
     "number_format": number_format_reward,
     "digit_share": digit_share_reward,
+    "running_sums": running_sums_reward,
 }
 
 # The experiments' tasks: how to generate the prompts, and the rewards that verify the answers.
@@ -180,6 +239,9 @@ TASKS = {
     "addition": (addition_dataset, ("correctness", "number_format")),
     "arithmetic": (arithmetic_dataset, ("correctness", "number_format")),
     "digits": (digits_dataset, ("digit_share",)),
+    "running-sums": (running_sums_dataset, ("running_sums",)),
+    "running-sums-256": (functools.partial(running_sums_dataset, digits=256), ("running_sums",)),
+    "running-sums-tiny": (functools.partial(running_sums_dataset, digits=6), ("running_sums",)),
 }
 
 

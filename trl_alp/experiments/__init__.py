@@ -1,0 +1,1 @@
+"""The experiment runners behind ``trl-alp demo|stress|bench|mismatch|plot``."""
