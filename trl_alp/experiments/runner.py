@@ -220,3 +220,32 @@ def read_json(path: str) -> Any:
     """The JSON data of the file `path`."""
     with open(path) as f:
         return json.load(f)
+
+
+def sample_completions(
+    model, tokenizer, prompts: list, samples: int, seed: int, max_new_tokens: int, **generate_kwargs
+):
+    """`samples` completions per chat prompt, sampled from `model` at temperature 1 without truncation from a fixed
+    seed, the prompts left-padded. Returns ``generate``'s output and the padded prompt length."""
+    import torch
+
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(
+            **batch.to(next(model.parameters()).device),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=samples,
+            pad_token_id=tokenizer.pad_token_id,
+            **generate_kwargs,
+        )
+    return out, batch["input_ids"].shape[1]

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..tasks import running_sums_dataset, running_sums_example, running_sums_reward
 from .models import TINY_VLLM_SHAPE, build_tiny_model, build_tokenizer, cache_dir
+from .runner import sample_completions
 
 logger = logging.getLogger(__name__)
 
@@ -178,27 +179,17 @@ def sample_stats(model, tokenizer, dataset, samples: int, seed: int, max_new_tok
     """
     import torch
 
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in dataset["prompt"]]
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        out = model.generate(
-            **batch.to(next(model.parameters()).device),
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=samples,
-            output_scores=True,
-            return_dict_in_generate=True,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    new = out.sequences[:, batch["input_ids"].shape[1] :]
+    out, prompt_length = sample_completions(
+        model,
+        tokenizer,
+        dataset["prompt"],
+        samples,
+        seed,
+        max_new_tokens,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    new = out.sequences[:, prompt_length:]
     logps = torch.log_softmax(torch.stack(out.scores, dim=1).float(), dim=-1)  # (batch, new, vocab)
     alive = torch.ones_like(new, dtype=torch.bool)
     alive[:, 1:] = (new[:, :-1] != tokenizer.eos_token_id).cumprod(-1).bool()  # up to and with the end of turn

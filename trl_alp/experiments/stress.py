@@ -45,6 +45,7 @@ from .runner import (
     number,
     read_json,
     remove_log_printers,
+    sample_completions,
     write_json,
 )
 
@@ -238,7 +239,12 @@ class StressArguments:
 
     grid: str = field(
         default="cpu",
-        metadata={"help": f"Model, task, settings and cells: one of {list(GRIDS)} (--preset is an alias)."},
+        metadata={
+            "help": f"Model, task, settings and cells: one of {list(GRIDS)} (--preset is an alias). 'sharp': a "
+            "pretrained sharp policy on real vLLM engines, 4 cells x 7 corrections + the layer ablation, 320 runs at "
+            "10 seeds: about 4 hours on 2 CPU cores with --workers 2 (the first run pretrains the policy once, ~10 "
+            "min); 'sharp-gpu': the same regime at GPU scale, for a CUDA machine."
+        },
     )
     corrections: str | None = field(
         default=None,
@@ -381,38 +387,16 @@ def evaluate_policy(
 
     Returns ``reward`` (over all `samples` completions of every prompt), and ``pass@1`` and ``pass@<samples>``: the
     share of prompts one / any of whose completions earns a total reward of at least 1 (a fully right answer)."""
-    import torch
 
     from ..rollout import rollout_engine
 
     engine = {} if cell.uses_vllm else PRECISIONS[cell.precision]  # a vLLM cell: the policy itself, in fp32
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in dataset["prompt"]]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    torch.manual_seed(seed)
-    with (
-        torch.no_grad(),
-        rollout_engine(model, engine.get("alp_rollout_dtype"), engine.get("alp_rollout_weight_bits")),
-    ):
-        out = model.generate(
-            **batch.to(device),
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=samples,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    with rollout_engine(model, engine.get("alp_rollout_dtype"), engine.get("alp_rollout_weight_bits")):
+        out, prompt_length = sample_completions(model, tokenizer, dataset["prompt"], samples, seed, max_new_tokens)
     model.train(was_training)
-    completions = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    completions = tokenizer.batch_decode(out[:, prompt_length:], skip_special_tokens=True)
     completions = [[{"role": "assistant", "content": c}] for c in completions]
     columns = {k: [v for v in dataset[k] for _ in range(samples)] for k in dataset.column_names}
     prompts = columns.pop("prompt")
