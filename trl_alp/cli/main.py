@@ -229,6 +229,7 @@ def mismatch(argv: list[str]) -> Callable[[], None]:
     Returns:
         A function that measures every engine and writes the report.
     """
+    from ..advice import Recommendation
     from ..experiments.mismatch import MismatchArguments, run_mismatch
 
     (args,) = make_parser((MismatchArguments,), "trl-alp mismatch").parse_args_and_config(argv)
@@ -237,7 +238,11 @@ def mismatch(argv: list[str]) -> Callable[[], None]:
         _check_engine("vllm")
 
     def run() -> None:
-        run_mismatch(args)
+        results = run_mismatch(args)
+        for name, measured in results["engines"].items():
+            if "recommendation" in measured:
+                r = measured["recommendation"]
+                print(f"{name}: {Recommendation(r['correction'], r['settings'], r['reasons'])}")
         print(f"Report: {os.path.abspath(args.output_dir)}/results.md, results.json, mismatch.png")
 
     return run

@@ -80,6 +80,23 @@ class MismatchArguments:
         default=256, metadata={"help": "Most ids of the support S_t kept per token (as alp_support_max_tokens)."}
     )
     output_dir: str = field(default="runs/mismatch", metadata={"help": "Report folder (results.md/.json, PNG)."})
+    recommend: bool = field(
+        default=False,
+        metadata={
+            "help": "Also calibrate σ₀ as alp_init_sigma='auto' would, and recommend a correction per engine for "
+            "completions of --max_tokens tokens and --steps_per_generation (docs/choosing.md)."
+        },
+    )
+    steps_per_generation: int = field(
+        default=1,
+        metadata={
+            "help": "With --recommend: optimizer steps per rollout batch of the run to advise (TRL's "
+            "steps_per_generation × num_iterations)."
+        },
+    )
+    sigma_target: float = field(
+        default=1.0, metadata={"help": "With --recommend: alp_sigma_target of the σ₀ calibration."}
+    )
 
     def __post_init__(self):
         self.engine_list = comma_list(self.engines, "engines", ENGINES)
@@ -91,6 +108,8 @@ class MismatchArguments:
                 f"--top_p must be in (0, 1], --top_k >= 0, --min_p in [0, 1]; got {self.top_p}, {self.top_k}, "
                 f"{self.min_p}"
             )
+        if self.steps_per_generation < 1:
+            raise ValueError(f"--steps_per_generation must be >= 1, got {self.steps_per_generation}")
         if self.num_prompts < 2:
             raise ValueError(f"--num_prompts must be >= 2 (a spread needs two sequences), got {self.num_prompts}")
 
@@ -295,8 +314,10 @@ def run_mismatch(args: MismatchArguments) -> dict:
         results["engines"][name] = {
             "token": token_stats(log_ratio),
             "sequence": sequence_stats(log_ratio, args.length_list),
-            "seconds": round(time.perf_counter() - start, 1),
         }
+        if args.recommend:
+            results["engines"][name]["recommendation"] = advise(model, prompts, completions, log_ratio, args)
+        results["engines"][name]["seconds"] = round(time.perf_counter() - start, 1)
         if truncated:
             # before the replay: vLLM's μ_S against the full π; the generate path's recorder kept the full
             # log μ(y) = log μ_S(y) + log μ(S_t)
@@ -308,6 +329,46 @@ def run_mismatch(args: MismatchArguments) -> dict:
             }
         write_report(results, args.output_dir)  # after every engine: a run stopped later keeps what it measured
     return results
+
+
+def auto_sigma(model, prompts: list[list[int]], completions: list[list[int]], mismatch_kl: float, target: float):
+    """The `Calibration` that ``alp_init_sigma="auto"`` makes on these completions: noise on every decoder layer's
+    input, one fixed draw, bisection until the noise's k3 KL to the clean forward is `target` × `mismatch_kl`."""
+    import torch
+
+    from ..calibration import calibrate_sigma, masked_k3_kl
+    from ..perturbation import LayerPerturbation, find_decoder_layers, parse_layer_spec
+
+    _, layers = find_decoder_layers(model)
+    perturbation = LayerPerturbation(layers, parse_layer_spec("all", len(layers)), learnable=False)
+    clean = training_logps(model, prompts, completions)[0]
+    mask = torch.ones_like(clean)
+
+    def noise_kl(sigma: float) -> float:
+        perturbation.log_sigma.data.fill_(math.log(sigma))
+        with perturbation.active(0, 0), perturbation.forced():
+            return masked_k3_kl(training_logps(model, prompts, completions)[0] - clean, mask)
+
+    return calibrate_sigma(noise_kl, mismatch_kl, target)
+
+
+def advise(model, prompts, completions, log_ratio, args: MismatchArguments) -> dict:
+    """σ₀ calibration and `trl_alp.advice.recommend` for one engine's measurement, as a JSON-ready dict."""
+    from ..advice import Situation, recommend
+
+    k3_kl = token_stats(log_ratio)["k3_kl"]
+    spread = sequence_stats(log_ratio, [args.max_tokens])[str(args.max_tokens)]["std"]
+    calibration = auto_sigma(model, prompts, completions, k3_kl, args.sigma_target)
+    situation = Situation(
+        k3_kl=k3_kl,
+        sequence_std=spread,
+        completion_length=args.max_tokens,
+        staleness=args.steps_per_generation,
+        truncated=truncates(args.top_k, args.top_p, args.min_p),
+        auto_sigma=None if calibration.fallback else calibration.sigma,
+    )
+    advice = recommend(situation)
+    return {"situation": asdict(situation), "calibration": calibration.to_dict(), **advice.to_dict()}
 
 
 def write_report(results: dict, output_dir: str) -> None:
@@ -386,6 +447,20 @@ def markdown_report(results: dict) -> str:
         ]
         header = ("engine", "token before", "token after", "sequence before", "sequence after", "\\|S_t\\|", "cut")
         report.append(markdown_table((*header, "μ(S_t)"), support_rows))
+    advised = {name: r["recommendation"] for name, r in measured.items() if "recommendation" in r}
+    if advised:
+        settings = results["settings"]
+        report += [
+            "",
+            f"Recommendation (docs/choosing.md) for completions of {settings['max_tokens']} tokens and "
+            f"{settings['steps_per_generation']} optimizer step(s) per rollout batch; σ₀ is what "
+            "alp_init_sigma='auto' picks on these completions.",
+            "",
+        ]
+        for name, r in advised.items():
+            sigma = "fallback (no mismatch)" if r["calibration"]["fallback"] else f"{r['calibration']['sigma']:.3g}"
+            chosen = ", ".join(f"{k}={v!r}" for k, v in {"correction": r["correction"], **r["settings"]}.items())
+            report += [f"* **{name}**: `{chosen}` (σ₀ auto: {sigma})", *(f"  * {line}" for line in r["reasons"])]
     return "\n".join(report) + "\n"
 
 
