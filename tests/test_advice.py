@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -112,3 +113,16 @@ def test_mismatch_recommends_per_engine(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "4bit: ALPConfig(correction='token-alp', alp_init_sigma='auto')" in printed
     assert "Recommendation" in (out / "results.md").read_text()
+
+
+def test_the_choosing_page_quotes_the_thresholds():
+    """docs/choosing.md's threshold table is `THRESHOLDS`, value for value, so the page cannot drift from the code."""
+    from dataclasses import fields
+
+    from doc_blocks import DOCS
+
+    page = (DOCS / "choosing.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", page, flags=re.M))
+    assert {f.name for f in fields(THRESHOLDS)} <= set(rows)
+    for f in fields(THRESHOLDS):
+        assert float(rows[f.name]) == getattr(THRESHOLDS, f.name), f.name

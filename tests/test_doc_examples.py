@@ -2,9 +2,12 @@
 
 Blocks after an ``<!-- example: NAME -->`` marker are run as written by the tests that name them (test_recipes.py,
 test_tool_calling.py, test_doc_commands.py); every other block runs here. The quick variant: a Hub model id becomes a
-tiny model saved to a local folder, `ALPConfig` gets CPU settings and at most one step of 4 completions, and the
-names a snippet leaves to the reader (`my_reward`, `dataset`, `lora_config`) are defined.
+tiny model saved to a local folder, `ALPConfig` gets CPU settings and at most one step of 4 completions, the
+README's `my_data.jsonl` holds 8 arithmetic rows, and the names a snippet leaves to the reader (`my_reward`,
+`dataset`, `lora_config`) are defined.
 """
+
+import json
 
 import pytest
 from doc_blocks import code_blocks, doc_files, marked_blocks
@@ -49,6 +52,8 @@ def quick(tmp_path, monkeypatch):
     monkeypatch.setattr(trl_alp, "ALPConfig", quick_config)
     monkeypatch.setattr(trl_alp, "ALPGRPOTrainer", quick_trainer)
     monkeypatch.chdir(tmp_path)
+    rows = arithmetic_dataset(8)  # the README's my_data.jsonl: chat prompts and answers
+    (tmp_path / "my_data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     return {"my_reward": correctness_reward, "dataset": arithmetic_dataset(8), "lora_config": lora}
 
