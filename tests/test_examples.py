@@ -32,11 +32,15 @@ def data_file(tmp_path_factory):
     return path
 
 
-def readme_command() -> list[str]:
-    """The README's `python examples/train_alp_grpo.py ...` command, as argv after the script."""
-    readme = (SCRIPT.parents[1] / "README.md").read_text()
-    (command,) = re.findall(r"`(python examples/train_alp_grpo\.py[^`]*)`", readme)
+def readme_command(page: str = "README.md") -> list[str]:
+    """The page's `python examples/train_alp_grpo.py ...` command, as argv after the script."""
+    text = (SCRIPT.parents[1] / page).read_text()
+    (command,) = re.findall(r"`(python examples/train_alp_grpo\.py[^`]*)`", text)
     return shlex.split(command)[2:]
+
+
+def test_the_site_prints_the_readmes_command():
+    assert readme_command("docs/index.md") == readme_command()
 
 
 def run_script(monkeypatch, *flags):
