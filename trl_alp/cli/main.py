@@ -92,6 +92,44 @@ def renamed_flag(argv: Sequence[str], old: str, new: str) -> list[str]:
     return out
 
 
+# The commands' parsers by name; "bench --mode ab" is the bench's in-process A/B (its own flags).
+PARSERS = ("train", "demo", "plot", "bench", "bench --mode ab", "stress", "mismatch")
+
+
+def command_parser(command: str) -> argparse.ArgumentParser:
+    """The argument parser of one of `PARSERS`, as the command uses it (nothing parsed yet). The commands parse with it,
+    and the flag tables of the command-line reference (docs/cli.md) are generated from it."""
+    if command not in PARSERS:
+        raise ValueError(f"no parser named {command!r}; choose from {list(PARSERS)}")
+    prog = f"trl-alp {command}"
+    if command == "plot":
+        parser = argparse.ArgumentParser(prog=prog, description="Ratio-envelope plot of one or more runs.")
+        parser.add_argument("run_dirs", nargs="+", help="run folders (with trainer_state.json or checkpoint-*/)")
+        parser.add_argument("--output", default="envelopes.png", help="PNG to write")
+        parser.add_argument("--labels", nargs="*", help="one label per run (default: folder names)")
+        parser.add_argument("--level", choices=["seq", "token"], default="seq", help="ratio level to plot")
+        parser.error = usage_error(prog)
+        return parser
+    if command == "train":
+        from trl import ModelConfig
+
+        from ..config import ALPConfig
+        from .train import TrainScriptArguments
+
+        return make_parser((TrainScriptArguments, ALPConfig, ModelConfig), prog)
+    if command == "demo":
+        from ..experiments.demo import DemoArguments as arguments
+    elif command == "bench":
+        from ..experiments.bench import BenchArguments as arguments
+    elif command == "bench --mode ab":
+        from ..experiments.ab import ABArguments as arguments
+    elif command == "stress":
+        from ..experiments.stress import StressArguments as arguments
+    else:
+        from ..experiments.mismatch import MismatchArguments as arguments
+    return make_parser((arguments,), prog)
+
+
 def _check_model(model: str, aliases: Sequence[str] = MODEL_ALIASES) -> None:
     """An experiment's ``--model``: one of `aliases` (the command's default first) or a local model folder; for
     ``smollm2``, the package that ships it must be installed (said now, not after the first run)."""
@@ -136,9 +174,9 @@ def demo(argv: list[str]) -> Callable[[], None]:
     Returns:
         A function that runs the demo (every correction in turn) and writes its report.
     """
-    from ..experiments.demo import DemoArguments, check_demo_args, run_demo
+    from ..experiments.demo import check_demo_args, run_demo
 
-    (args,) = make_parser((DemoArguments,), "trl-alp demo").parse_args_and_config(argv)
+    (args,) = command_parser("demo").parse_args_and_config(argv)
     check_demo_args(args)
     _check_engine(args.engine)
     _check_model(args.model)
@@ -156,16 +194,14 @@ def bench(argv: list[str]) -> Callable[[], None]:
         micro-step, `trl_alp.experiments.ab`) and prints the table (or the JSON).
     """
     if flag_value(argv, "mode") is not None:
-        from ..experiments.ab import ABArguments
         from ..experiments.ab import main as run
 
-        (args,) = make_parser((ABArguments,), "trl-alp bench --mode ab").parse_args_and_config(argv)
+        (args,) = command_parser("bench --mode ab").parse_args_and_config(argv)
         _check_model(args.model, ("tiny", "smollm2"))
         return lambda: run(args)
-    from ..experiments.bench import BenchArguments
     from ..experiments.bench import main as run
 
-    (args,) = make_parser((BenchArguments,), "trl-alp bench").parse_args_and_config(argv)
+    (args,) = command_parser("bench").parse_args_and_config(argv)
     _check_model(args.model, ("tiny", "smollm2"))
     _check_engine(args.engine)
     return lambda: run(args)
@@ -182,13 +218,7 @@ def plot(argv: list[str]) -> Callable[[], None]:
     """
     from ..experiments.plots import draw_envelopes, load_envelopes
 
-    parser = argparse.ArgumentParser(prog="trl-alp plot", description="Ratio-envelope plot of one or more runs.")
-    parser.add_argument("run_dirs", nargs="+", help="run folders (with trainer_state.json or checkpoint-*/)")
-    parser.add_argument("--output", default="envelopes.png", help="PNG to write")
-    parser.add_argument("--labels", nargs="*", help="one label per run (default: folder names)")
-    parser.add_argument("--level", choices=["seq", "token"], default="seq", help="ratio level to plot")
-    parser.error = usage_error("trl-alp plot")
-    args = parser.parse_args(argv)
+    args = command_parser("plot").parse_args(argv)
     data = load_envelopes(args.run_dirs, args.labels, args.level)  # fails when there is nothing to draw
 
     def run() -> None:
@@ -207,10 +237,10 @@ def stress(argv: list[str]) -> Callable[[], None]:
     Returns:
         A function that trains the missing runs of the grid and writes the report.
     """
-    from ..experiments.stress import StressArguments, check_device, run_stress
+    from ..experiments.stress import check_device, run_stress
 
     argv = renamed_flag(argv, "preset", "grid")
-    (args,) = make_parser((StressArguments,), "trl-alp stress").parse_args_and_config(argv)
+    (args,) = command_parser("stress").parse_args_and_config(argv)
     check_device(args)
 
     def run() -> None:
@@ -230,9 +260,9 @@ def mismatch(argv: list[str]) -> Callable[[], None]:
         A function that measures every engine and writes the report.
     """
     from ..advice import Recommendation
-    from ..experiments.mismatch import MismatchArguments, run_mismatch
+    from ..experiments.mismatch import run_mismatch
 
-    (args,) = make_parser((MismatchArguments,), "trl-alp mismatch").parse_args_and_config(argv)
+    (args,) = command_parser("mismatch").parse_args_and_config(argv)
     _check_model(args.model)
     if any(name.startswith("vllm-") for name in args.engine_list):
         _check_engine("vllm")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .main import CLIError, flag_value, given_flags, make_parser
+from .main import CLIError, command_parser, flag_value, given_flags
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 # `--config` finds a shipped config file by these package paths too (`trl_alp/recipes/` is its former name).
@@ -300,12 +300,8 @@ def parse_train_args(argv: list[str]) -> TrainSetup:
     """Parse a ``train`` command line like ``trl grpo`` does (config file, flags, TRL's dataclasses) and check what
     needs neither data nor model: the config file, every field, the offline aliases' defaults, the resume path, the
     rewards and the tools."""
-    from trl import ModelConfig
-
-    from ..config import ALPConfig
-
     argv, from_file = _with_config_file(argv)
-    parser = make_parser((TrainScriptArguments, ALPConfig, ModelConfig), "trl-alp train")
+    parser = command_parser("train")
     alias = flag_value(argv, "model_name_or_path") or from_file.get("model_name_or_path")
     given = given_flags(argv) | set(from_file)
     alias_defaults = {k: v for k, v in ALIAS_DEFAULTS.get(alias, {}).items() if k not in given}
