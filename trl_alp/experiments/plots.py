@@ -120,7 +120,10 @@ def plot_phase_diagram(
         [outcomes.index(table[c][k]["outcome"]) if k in table.get(c, {}) else math.nan for c in cells]
         for k in corrections
     ]
-    fig, ax = plt.subplots(figsize=(1.9 * len(cells) + 2.5, 0.6 * len(corrections) + 1.6))
+    # Sized so that its text stays legible when a page shows it at a page's width (about 8 in): narrow cells, the
+    # legend below the grid rather than beside it.
+    height = 0.55 * len(corrections) + 2.2
+    fig, ax = plt.subplots(figsize=(max(1.25 * len(cells) + 1.8, 6.0), height))  # 6 in: the title and legend
     colors = ListedColormap([OUTCOME_COLORS[o] for o in outcomes])
     ax.imshow(grid, cmap=colors, vmin=0, vmax=len(outcomes) - 1, aspect="auto")
     for i, correction in enumerate(corrections):
@@ -130,13 +133,13 @@ def plot_phase_diagram(
                 collapsed = row["outcomes"]["collapsed"]
                 text = f"{row['reward_final']:.2f}±{row['reward_final_std']:.2f}"
                 text += f"\ncollapsed {collapsed}/{row['seeds']}" if collapsed else ""
-                ax.text(j, i, text, ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(cells)), cells, rotation=20)
-    ax.set_yticks(range(len(corrections)), corrections)
-    ax.set_xlabel("mismatch cell (rollout precision - steps per generation - lr), weak → strong")
-    ax.set_title("final reward (mean ± std over seeds), colour = outcome")
+                ax.text(j, i, text, ha="center", va="center", fontsize=9)
+    ax.set_xticks(range(len(cells)), cells, rotation=20, ha="right", fontsize=9)
+    ax.set_yticks(range(len(corrections)), corrections, fontsize=9)
+    ax.set_xlabel("mismatch cell, weak → strong", fontsize=9)
+    ax.set_title("final reward (mean ± std over seeds), colour = outcome", fontsize=10)
     handles = [Patch(color=OUTCOME_COLORS[o], label=o) for o in outcomes]
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1, 1))
-    fig.tight_layout()
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.4 / height, 1, 1))  # 0.4 in at the bottom for the legend
     fig.savefig(path, dpi=110)
     plt.close(fig)
