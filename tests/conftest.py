@@ -21,7 +21,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from hypothesis import settings  # noqa: E402
-from tiny_setup import PROMPT_ROWS, TRAINER_SETTINGS, length_reward  # noqa: E402
+from tiny_setup import PROMPT_ROWS, TRAINER_SETTINGS, VLLM_HIDDEN, length_reward  # noqa: E402
 
 from trl_alp import ALPConfig, ALPGRPOTrainer  # noqa: E402
 from trl_alp.experiments.models import build_tiny_model, build_tokenizer  # noqa: E402
@@ -77,6 +77,29 @@ def make_trainer(tokenizer, prompt_dataset, tmp_path):
             processing_class=tokenizer,
             peft_config=peft_config,
         )
+
+    return factory
+
+
+@pytest.fixture(scope="module")
+def vllm_model_dir(tokenizer, tmp_path_factory):
+    """A tiny Qwen2 that vLLM accepts, saved to a folder: TRL's colocate engine loads the model by its path."""
+    folder = tmp_path_factory.mktemp("tiny-vllm")
+    build_tiny_model(tokenizer, hidden_size=VLLM_HIDDEN).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def vllm_trainer(make_trainer, vllm_model_dir):
+    """`make_trainer` on a real colocated vLLM engine (tests marked ``vllm``); an fp32 engine unless overridden."""
+
+    def factory(**overrides):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(vllm_model_dir, dtype=torch.float32)
+        overrides.setdefault("alp_rollout_dtype", "float32")
+        return make_trainer(model=model, use_vllm=True, vllm_mode="colocate", **overrides)
 
     return factory
 

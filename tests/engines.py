@@ -61,7 +61,8 @@ class StandInVLLM:
                     pad_token_id=self.tokenizer.pad_token_id,
                 )
             new = out[0, ids.size(1) :].tolist()
-            keep = int(torch.randint(2, len(new) + 1, (1,), generator=self._random)) if self.ragged else len(new)
+            low = min(2, len(new))  # a completion that ended at its first token stays one token long
+            keep = int(torch.randint(low, len(new) + 1, (1,), generator=self._random)) if self.ragged else len(new)
             reported = recorder.results[-1][0, :keep].double() - self.shift
             if self.noise:
                 reported = reported + self.noise * torch.randn(

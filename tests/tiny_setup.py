@@ -16,6 +16,10 @@ TRAINER_SETTINGS = dict(
     seed=0,
 )
 
+# The real-vLLM tests' tiny model (conftest.py's `vllm_model_dir`): vLLM's CPU attention refuses head_dim 16 (the other
+# tests' tiny model), hidden 256 over 4 heads gives 64.
+VLLM_HIDDEN = 256
+
 
 def length_reward(completions, **kwargs):
     """A cheap reward with spread inside each group, so advantages are non-zero."""

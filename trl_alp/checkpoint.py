@@ -120,6 +120,21 @@ def tensor_state(value: Any, key: str | None = None) -> Any:
     return value
 
 
+def rejection_summary(args) -> str:
+    """The run's rollout-rejection criteria in one line (``none`` without any)."""
+    parts = []
+    if args.alp_rollout_mask is not None:
+        parts.append(f"`{args.alp_rollout_mask}` band [{args.alp_rollout_mask_min:g}, {args.alp_rollout_mask_max:g}]")
+    for name, bounds in args.rollout_rejection_bounds.items():
+        kept = f"≤ {bounds.upper:g}" if bounds.lower is None else f"μ/π_old in [{bounds.lower:g}, {bounds.upper:g}]"
+        parts.append(f"`{name}` {kept}")
+    if args.alp_rollout_veto_threshold is not None:
+        parts.append(f"veto below {args.alp_rollout_veto_threshold:g}")
+    if not parts:
+        return "none"
+    return ", ".join(parts) + (" (logged only)" if args.alp_rollout_rejection_metrics_only else "") + " on π_old/μ"
+
+
 def model_card_section(args, correction, perturbation: LayerPerturbation, layers_path: str | None, calibrated: bool):
     """The model card's "ALP settings" section: the run's settings and what ``alp_state.json`` holds."""
     sigma = ", ".join(f"{s:.4g}" for s in perturbation.sigma.tolist()) or "none (no noise)"
@@ -131,6 +146,7 @@ def model_card_section(args, correction, perturbation: LayerPerturbation, layers
         ("σ learned", f"{args.alp_learn_sigma} (learning rate {args.alp_sigma_learning_rate})"),
         ("relative σ", str(args.alp_relative_sigma)),
         ("clip", f"[{1 - args.alp_epsilon_low}, {1 + args.alp_epsilon_high}], dual clip {args.alp_dual_clip}"),
+        ("rollout rejection", rejection_summary(args)),
         ("recipe", f"`{args.alp_recipe}`" if args.alp_recipe else "none"),
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)

@@ -10,9 +10,16 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from .corrections import CORRECTIONS, Correction
-from .loss import ROLLOUT_MASK_LEVELS, Clip
+from .loss import Clip
 from .perturbation import validate_layer_spec
 from .recipes import RECIPES, apply_recipe
+from .rejection import (
+    REJECTION_CRITERIA,
+    ROLLOUT_MASK_LEVELS,
+    RejectionBounds,
+    parse_rejection_criteria,
+    parse_rejection_thresholds,
+)
 from .rollout import ROLLOUT_DTYPES, ROLLOUT_WEIGHT_BITS
 from .support import truncates
 
@@ -122,7 +129,7 @@ class ALPConfig(GRPOConfig):
         alp_log_unperturbed_ratio (`bool`, *optional*, defaults to `False`):
             One extra no-grad clean forward per micro-step, its ratio to the rollout logged under `alp/unperturbed/*`.
 
-    Parameters: Rollout mask and KL
+    Parameters: Rollout rejection and KL
         alp_rollout_mask (`str`, *optional*):
             The authors' rollout rejection mask on top of an ALP/Bypass ratio: the weight π_old/μ per `"token"`, as
             the `"sequence"` product or its `"geometric"` mean, zeroes the loss outside
@@ -133,6 +140,22 @@ class ALPConfig(GRPOConfig):
             Upper bound (inclusive) of π_old/μ that the mask keeps.
         alp_rollout_mask_weighted (`bool`, *optional*, defaults to `True`):
             Multiply the kept tokens' loss by π_old/μ, as the authors do; `False` gives a plain 0/1 mask.
+        alp_rollout_rejection (`str` or `list[str]`, *optional*):
+            verl's divergence-based rejection (its `rollout_rs`) on top of an ALP, Bypass, TIS or MIS correction, on
+            log r = log π_old − log μ: one or more (comma-separated; all must pass) of `token_k1`, `token_k2`,
+            `token_k3` (per token), `seq_sum_k1/k2/k3`, `seq_mean_k1/k2/k3`, `seq_max_k2/k3` (the sum, mean or
+            max over the sequence rejects it whole), with k1 = −log r, k2 = ½(log r)², k3 = r − 1 − log r. A
+            rejected token leaves the loss and its normaliser, as verl's response mask does. `None` disables it.
+        alp_rollout_rejection_threshold (`str` or `float`, *optional*):
+            verl's `rollout_rs_threshold`: one entry for all criteria or one per criterion (comma-separated). k2/k3:
+            the largest divergence kept (e.g. `0.01` for `seq_mean_k3`). k1: `"lower_upper"`, a band on
+            exp(k1) = μ/π_old, or one number u for [1/u, u]. Required with `alp_rollout_rejection`.
+        alp_rollout_veto_threshold (`float`, *optional*):
+            verl's token veto (`rollout_token_veto_threshold`): a sequence with any token whose π_old/μ is below this
+            floor (> 0, e.g. 1e-4) is rejected whole. `None` disables it.
+        alp_rollout_rejection_metrics_only (`bool`, *optional*, defaults to `False`):
+            Compute every rejection set above (`alp_rollout_mask`, `alp_rollout_rejection`, the veto) and log what
+            each would reject (`alp/rollout_mask/*`, `alp/rollout_rejection/*`) without changing the loss.
         alp_kl_clamp (`bool`, *optional*, defaults to `False`):
             Clamp the k3 KL to the reference like verl's `low_var_kl` (log-ratio to ±20, estimate to [−10, 10]), as
             in the authors' single-turn recipe. Needs `beta > 0` to matter.
@@ -241,6 +264,31 @@ class ALPConfig(GRPOConfig):
     alp_rollout_mask_weighted: bool = field(
         default=True, metadata={"help": "Multiply kept tokens by π_old/μ (the authors' mask); False: a 0/1 mask."}
     )
+    # `str` in the type so that TRL's parser passes comma-separated lists through; a list is accepted in Python.
+    alp_rollout_rejection: str | None = field(
+        default=None,
+        metadata={
+            "help": f"verl's rollout_rs on π_old/μ: one or more (comma-separated, all must pass) of {', '.join(REJECTION_CRITERIA)}; None disables it."
+        },
+    )
+    alp_rollout_rejection_threshold: str | None = field(
+        default=None,
+        metadata={
+            "help": "verl's rollout_rs_threshold: one for all criteria or one per criterion (comma-separated); k2/k3: max divergence kept; k1: 'lower_upper' on μ/π_old or u for [1/u, u]."
+        },
+    )
+    alp_rollout_veto_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "verl's token veto: reject a sequence whose π_old/μ falls below this floor (> 0) on any token; None disables it."
+        },
+    )
+    alp_rollout_rejection_metrics_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Log what alp_rollout_mask / alp_rollout_rejection / the veto would reject; leave the loss alone."
+        },
+    )
     alp_kl_clamp: bool = field(
         default=False,
         metadata={"help": "Clamp the k3 KL to the reference like verl's low_var_kl (the authors' single-turn KL)."},
@@ -284,6 +332,7 @@ class ALPConfig(GRPOConfig):
                 f"got {self.alp_rollout_weight_bits!r}"
             )
         self._check_rollout_mask_and_kl_clamp()
+        self._check_rollout_rejection()
         max_tokens = self.alp_support_max_tokens
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"alp_support_max_tokens must be an integer >= 1, got {self.alp_support_max_tokens!r}")
@@ -431,6 +480,49 @@ class ALPConfig(GRPOConfig):
             )
         if self.alp_kl_clamp and self.beta == 0.0:
             logger.warning("alp_kl_clamp=True is ignored: beta=0.0 adds no KL term.")
+
+    def _check_rollout_rejection(self) -> None:
+        """verl's criteria, the veto and the metrics-only switch: valid values, and only where they can apply."""
+        criteria = parse_rejection_criteria(self.alp_rollout_rejection)
+        if criteria:
+            parse_rejection_thresholds(criteria, self.alp_rollout_rejection_threshold)
+        elif self.alp_rollout_rejection_threshold is not None:
+            logger.warning("alp_rollout_rejection_threshold is ignored: alp_rollout_rejection is None.")
+        veto = self.alp_rollout_veto_threshold
+        if veto is not None and (
+            isinstance(veto, bool) or not isinstance(veto, (int, float)) or not math.isfinite(veto) or veto <= 0
+        ):
+            raise ValueError(f"alp_rollout_veto_threshold must be a finite number > 0 or None, got {veto!r}")
+        if (criteria or veto is not None) and self.parsed_correction.family == "grpo":
+            raise ValueError(
+                "alp_rollout_rejection / alp_rollout_veto_threshold apply on top of an ALP, Bypass, TIS or MIS "
+                "correction; correction='grpo' runs TRL's loss unchanged: use e.g. 'seq-bypass' or 'token-mis', or "
+                "unset them."
+            )
+        if not isinstance(self.alp_rollout_rejection_metrics_only, bool):
+            raise ValueError(
+                f"alp_rollout_rejection_metrics_only must be True or False, got {self.alp_rollout_rejection_metrics_only!r}"
+            )
+        if self.alp_rollout_rejection_metrics_only and not self.rejects_rollouts:
+            logger.warning(
+                "alp_rollout_rejection_metrics_only=True has nothing to log: set alp_rollout_mask, "
+                "alp_rollout_rejection or alp_rollout_veto_threshold."
+            )
+
+    @property
+    def rollout_rejection_bounds(self) -> dict[str, RejectionBounds]:
+        """verl's criteria of `alp_rollout_rejection` with their parsed thresholds (empty when it is None)."""
+        criteria = parse_rejection_criteria(self.alp_rollout_rejection)
+        return parse_rejection_thresholds(criteria, self.alp_rollout_rejection_threshold) if criteria else {}
+
+    @property
+    def rejects_rollouts(self) -> bool:
+        """Whether any rollout-rejection criterion is set (applied, or logged only): the trainer then needs π_old."""
+        return (
+            self.alp_rollout_mask is not None
+            or self.alp_rollout_rejection is not None
+            or self.alp_rollout_veto_threshold is not None
+        )
 
     @property
     def parsed_correction(self) -> Correction:

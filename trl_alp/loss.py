@@ -335,52 +335,6 @@ def rollout_correction_weights(
     return weights, hit
 
 
-ROLLOUT_MASK_LEVELS = ("token", "sequence", "geometric")
-
-
-def rollout_mask_weights(
-    old_logps: torch.Tensor,
-    rollout_logps: torch.Tensor,
-    mask: torch.Tensor,
-    level: str,
-    low: float,
-    high: float,
-    weighted: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ALP authors' rollout rejection mask (``rollout_is_mode="mask"``), ``(B, T)`` weights, detached.
-
-    Transcribes ``compute_rollout_importance_weights`` (multi-turn/verl/trainer/ppo/rollout_is.py of
-    amazon-science/adaptive-layerwise-perturbation) without its veto: the weight ``w = π_old / μ`` of the recomputed,
-    unperturbed old policy over the rollout engine, per token (``token``), as the product over the sequence
-    (``sequence``: masked sum of log-ratios) or its geometric mean (``geometric``), log clamped to ±20, is kept where
-    ``low <= w <= high`` (inclusive) and zeroed elsewhere; padding gets 0.
-
-    Args:
-        old_logps: The unperturbed old policy's log-probs, ``(B, T)``.
-        rollout_logps: The rollout engine's log-probs μ, ``(B, T)``.
-        mask: 1 on the completion tokens that count, ``(B, T)``.
-        level: ``token``, ``sequence`` or ``geometric``.
-        low: Lower bound of the kept band (inclusive).
-        high: Upper bound of the kept band (inclusive).
-        weighted: ``True`` returns ``w`` itself on kept entries, as the authors do (their
-            ``pg_losses * rollout_is_weights``); ``False`` a plain 0/1 rejection mask.
-
-    Returns:
-        ``(weights, rejected)``: ``(B, T)`` weights and the masked-out valid tokens.
-    """
-    log_ratio = (old_logps - rollout_logps).detach() * mask
-    if level == "sequence":
-        log_ratio = log_ratio.sum(-1, keepdim=True)
-    elif level == "geometric":
-        log_ratio = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
-    elif level != "token":
-        raise ValueError(f"rollout mask level must be one of {ROLLOUT_MASK_LEVELS}, got {level!r}")
-    weights = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).expand_as(mask)
-    keep = (weights >= low) & (weights <= high)
-    weights = torch.where(keep, weights if weighted else torch.ones_like(weights), 0.0) * mask
-    return weights.detach(), ~keep & mask.bool()
-
-
 def drop_nonfinite(
     mask: torch.Tensor, logps: torch.Tensor, rollout_logps: torch.Tensor, entropies: torch.Tensor
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:

@@ -97,6 +97,17 @@ class ALPMetrics:
         total, count = self.trainer.accelerator.reduce(local, reduction="sum").tolist()
         return total / max(count, 1.0)
 
+    def masked_means(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+        """:meth:`masked_mean` of several ``(values, mask)`` pairs, reduced over the processes in one collective."""
+        local = torch.stack(
+            [
+                torch.stack([torch.where(mask.bool(), values.expand_as(mask).float(), 0.0).sum(), mask.sum().float()])
+                for values, mask in pairs
+            ]
+        )
+        totals = self.trainer.accelerator.reduce(local, reduction="sum").tolist()
+        return [total / max(count, 1.0) for total, count in totals]
+
     def gather_flat(self, values: torch.Tensor) -> torch.Tensor:
         """Gather 1-D tensors of different lengths from every process (NaN-padded)."""
         accelerator = self.trainer.accelerator
@@ -146,6 +157,46 @@ class ALPMetrics:
         metrics["clip_ratio/low_mean"].append(low)
         metrics["clip_ratio/high_mean"].append(high)
         metrics["clip_ratio/region_mean"].append(self.masked_mean(clip_stats["low"] | clip_stats["high"], mask))
+
+    def log_rejection(self, mode: str, rejection, band_rejected: torch.Tensor | None, mask: torch.Tensor) -> float:
+        """The shares each rollout-rejection criterion rejects (``alp/rollout_rejection/*``), in two collectives.
+
+        Per criterion of `rejection` (a `trl_alp.rejection.RolloutRejection`, or None) and for ``veto``:
+        ``masked_frac`` (valid tokens it rejects) and ``seq_masked_frac`` (sequences with tokens that have any); per
+        verl criterion the ``mean`` of its statistic over the valid tokens (a sequence statistic counts once per
+        token, as verl's ``rollout_rs_<option>_mean``) and its ``max`` over tokens or sequences; for the veto
+        ``token_frac`` (valid tokens under the floor). ``alp/rollout_rejection/masked_frac`` and ``seq_masked_frac``
+        count every criterion together, the ratio band's `band_rejected` included.
+
+        Returns:
+            That combined ``masked_frac``.
+        """
+        prefix = "alp/rollout_rejection"
+        has_tokens = mask.amax(-1, keepdim=True)
+        everything = band_rejected if band_rejected is not None else torch.zeros_like(mask, dtype=torch.bool)
+        shares: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        peaks: list[tuple[str, torch.Tensor]] = []
+        if rejection is not None:
+            for name, rejected in rejection.rejected.items():
+                shares.append((f"{prefix}/{name}/masked_frac", rejected, mask))
+                shares.append((f"{prefix}/{name}/seq_masked_frac", rejected.any(-1, keepdim=True), has_tokens))
+                everything = everything | rejected
+            for name, statistic in rejection.statistics.items():
+                values, over = (statistic, mask) if statistic.dim() == 2 else (statistic.unsqueeze(-1), has_tokens)
+                shares.append((f"{prefix}/{name}/mean", values, mask))  # per token, as verl's `_mean`
+                peaks.append((f"{prefix}/{name}/max", values.float().masked_fill(~over.bool(), -math.inf).amax()))
+            if rejection.below_veto is not None:
+                shares.append((f"{prefix}/veto/token_frac", rejection.below_veto, mask))
+        shares.append((f"{prefix}/masked_frac", everything, mask))
+        shares.append((f"{prefix}/seq_masked_frac", everything.any(-1, keepdim=True), has_tokens))
+        metrics = self[mode]
+        for (name, _, _), value in zip(shares, self.masked_means([(v, m) for _, v, m in shares]), strict=True):
+            metrics[name].append(value)
+        if peaks:
+            local = torch.stack([peak for _, peak in peaks])[None]
+            for (name, _), value in zip(peaks, self.trainer.accelerator.gather(local).amax(0).tolist(), strict=True):
+                metrics[name].append(value if math.isfinite(value) else math.nan)
+        return metrics[f"{prefix}/masked_frac"][-1]
 
     def log_support(self, mode: str, rows) -> None:
         """Support size, truncated share and the engine's kept mass of a generation batch (``alp/support/*``)."""

@@ -42,10 +42,10 @@ from .loss import (
     kl_weights,
     policy_loss,
     rollout_correction_weights,
-    rollout_mask_weights,
 )
 from .metrics import ALPMetrics
 from .perturbation import LayerPerturbation, find_decoder_layers, is_logits_only, parse_layer_spec, unwrap_model
+from .rejection import rollout_mask_weights, rollout_rejection
 from .rollout import record_generate_logprobs, rollout_engine
 from .support import RolloutSupports, replay_forward, support_warpers
 from .vllm_engine import alp_engine
@@ -134,6 +134,7 @@ class ALPGRPOTrainer(GRPOTrainer):
         # Every attribute ALP adds, before TRL's constructor calls any override.
         self._alp_call = LogpsCall()  # what the shared log-prob helper does now (TRL's own behaviour by default)
         self._alp_warned_no_support = False
+        self._alp_warned_all_rejected = False
         self._alp_layers_path: str | None = None  # where the perturbed layers live (`find_decoder_layers`)
         self._alp_sigma_restored = False  # σ came from a checkpoint: never recalibrate
         self._alp_main_optimizer: torch.optim.Optimizer | None = None  # the optimizer σ's was made next to
@@ -295,9 +296,9 @@ class ALPGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         # ALP and Bypass use the rollout log-probs as denominator, so TRL's no-grad "old" pass is not needed. TRL runs
         # it when generation and optimizer steps are misaligned (its vLLM IS correction, the other trigger, is off here
-        # for these corrections). The rollout mask is computed on π_old/μ: then the old pass stays. Under truncated
+        # for these corrections). Rollout rejection is computed on π_old/μ: then the old pass stays. Under truncated
         # sampling `_generate` puts the rollout supports on the call, so the old and reference passes replay them.
-        skip_old = not self.correction.uses_old_logps and self.args.alp_rollout_mask is None
+        skip_old = not self.correction.uses_old_logps and not self.args.rejects_rollouts
         with self._alp_logps_call(LogpsCall(skip_old=skip_old)) as call:
             output = super()._generate_and_score_completions(inputs)
         if call.rollout is not None:  # the table travels with the batch through TRL's shuffles and splits
@@ -448,7 +449,7 @@ class ALPGRPOTrainer(GRPOTrainer):
             vespo_weights=vespo_weights,
         )
 
-        # Masks, rollout weight, rollout rejection mask and KL, in TRL's order.
+        # Masks, rollout weight, rollout rejection and KL, in TRL's order.
         if self.off_policy_mask_threshold is not None:
             per_token_loss = per_token_loss * self.get_off_policy_mask(
                 advantages, per_token_logps, rollout_logps, mask, self.off_policy_mask_threshold
@@ -459,8 +460,14 @@ class ALPGRPOTrainer(GRPOTrainer):
             )
         if is_weights is not None and self.loss_type != "vespo":
             per_token_loss = per_token_loss * is_weights
-        if args.alp_rollout_mask is not None:  # on π_old/μ, after the clips (see `_alp_rollout_mask`)
-            per_token_loss = per_token_loss * self._alp_rollout_mask(mode, inputs, rollout_logps, mask)
+        loss_mask = mask
+        if args.rejects_rollouts:  # on π_old/μ, after the clips (see `_alp_rollout_rejection`)
+            old_logps = denominator if correction.uses_old_logps else None
+            band_weights, keep = self._alp_rollout_rejection(mode, inputs, old_logps, rollout_logps, mask)
+            if band_weights is not None:
+                per_token_loss = per_token_loss * band_weights
+            if keep is not None:  # verl's criteria take the token out of the loss and its normaliser
+                loss_mask = mask * keep
         if self.beta != 0.0:
             per_token_kl = k3_kl(
                 per_token_logps, inputs["ref_per_token_logps"], clamp=KL_CLAMP if args.alp_kl_clamp else None
@@ -472,7 +479,7 @@ class ALPGRPOTrainer(GRPOTrainer):
         training = mode == "train"
         loss, policy_loss_value = aggregate_loss(
             per_token_loss,
-            mask,
+            loss_mask,
             self.loss_type,
             accumulation_steps=self.current_gradient_accumulation_steps if training else 1,
             num_items_in_batch=inputs["num_items_in_batch"],
@@ -497,38 +504,67 @@ class ALPGRPOTrainer(GRPOTrainer):
         metrics["policy_loss"].append(self.accelerator.gather(policy_loss_value).nanmean().item())
         return loss
 
-    def _alp_rollout_mask(self, mode: str, inputs, rollout_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Weights of the rollout rejection mask (`loss.rollout_mask_weights`), logged under ``alp/rollout_mask/*``.
+    def _alp_rollout_rejection(
+        self, mode: str, inputs, old_logps: torch.Tensor | None, rollout_logps: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Every rollout-rejection criterion of the config on π_old/μ (`trl_alp.rejection`), logged under
+        ``alp/rollout_mask/*`` and ``alp/rollout_rejection/*``.
+
+        Returns ``(band_weights, keep)``: the authors' ratio-band weights, which multiply the clipped policy loss (the
+        token stays in the normaliser, as their ``pg_losses * rollout_is_weights``), and verl's criteria and veto as a
+        0/1 mask that multiplies the loss mask (the token leaves the loss and its normaliser, as verl's response mask).
+        Either is None when not set, and both are None under ``alp_rollout_rejection_metrics_only``.
 
         As in the ALP authors' code (multi-turn/verl/trainer/ppo/core_algos.py, ``compute_rollout_importance_weights(
         old_log_prob=old_log_prob, rollout_log_prob=rollout_log_probs, ...)`` with ``old_log_probs`` recomputed by
-        ``actor_rollout_wg.compute_log_prob`` in eval mode, i.e. without noise) the mask is computed on π_old/μ, not on
-        the (perturbed) ratio being clipped, and multiplies the clipped policy loss, not the KL term. π_old is TRL's
-        recomputed old log-probs; when generation and optimizer steps are aligned TRL does not compute them because
-        the weights have not moved since sampling, so a no-grad forward of the current model (no noise: the hooks are
-        silent without grad) is π_old.
+        ``actor_rollout_wg.compute_log_prob`` in eval mode, i.e. without noise) every criterion is computed on
+        π_old/μ, not on the (perturbed) ratio being clipped. π_old is TIS/MIS's own denominator (`old_logps`), else
+        TRL's recomputed old log-probs; when generation and optimizer steps are aligned TRL does not compute them
+        because the weights have not moved since sampling, so a no-grad forward of the current model (no noise: the
+        hooks are silent without grad) is π_old.
         """
-        old_logps = inputs.get("old_per_token_logps")
+        if old_logps is None:
+            old_logps = inputs.get("old_per_token_logps")
         if old_logps is None:
             with torch.no_grad():
                 old_logps = self._alp_completion_logps(self.model, inputs)[0]
         args = self.args
-        weights, rejected = rollout_mask_weights(
-            old_logps,
-            rollout_logps,
-            mask,
-            args.alp_rollout_mask,
-            args.alp_rollout_mask_min,
-            args.alp_rollout_mask_max,
-            args.alp_rollout_mask_weighted,
-        )
         metrics = self._metrics[mode]
-        metrics["alp/rollout_mask/masked_frac"].append(self.alp_metrics.masked_mean(rejected, mask))
         has_tokens = mask.amax(-1, keepdim=True)
-        metrics["alp/rollout_mask/seq_masked_frac"].append(
-            self.alp_metrics.masked_mean(rejected.any(-1, keepdim=True), has_tokens)
-        )
-        return weights
+        band_weights, band_rejected = None, None
+        if args.alp_rollout_mask is not None:
+            band_weights, band_rejected = rollout_mask_weights(
+                old_logps,
+                rollout_logps,
+                mask,
+                args.alp_rollout_mask,
+                args.alp_rollout_mask_min,
+                args.alp_rollout_mask_max,
+                args.alp_rollout_mask_weighted,
+            )
+            metrics["alp/rollout_mask/masked_frac"].append(self.alp_metrics.masked_mean(band_rejected, mask))
+            metrics["alp/rollout_mask/seq_masked_frac"].append(
+                self.alp_metrics.masked_mean(band_rejected.any(-1, keepdim=True), has_tokens)
+            )
+        keep = None
+        if args.alp_rollout_rejection is not None or args.alp_rollout_veto_threshold is not None:
+            rejection = rollout_rejection(
+                old_logps, rollout_logps, mask, args.rollout_rejection_bounds, args.alp_rollout_veto_threshold
+            )
+            keep = rejection.keep
+        else:
+            rejection = None
+        rejected_frac = self.alp_metrics.log_rejection(mode, rejection, band_rejected, mask)
+        if args.alp_rollout_rejection_metrics_only:
+            return None, None
+        if rejected_frac == 1.0 and not self._alp_warned_all_rejected:
+            self._alp_warned_all_rejected = True
+            logger.warning(
+                "Rollout rejection rejected every completion token of a batch (alp/rollout_rejection/masked_frac = "
+                "1): the batch gives no policy gradient. Loosen the thresholds, or try them first with "
+                "alp_rollout_rejection_metrics_only=True."
+            )
+        return band_weights, keep
 
     def _alp_log_diagnostics(self, mode, inputs, per_token_logps, rollout_logps, mask) -> None:
         self.alp_metrics.log_ratio(mode, "alp", per_token_logps, rollout_logps, mask)
