@@ -24,7 +24,15 @@ BF16 = {"k3_kl": 1e-3, "sequence_std": 0.18, "completion_length": 16}  # vLLM bf
         (BF16, "seq-alp", {"alp_init_sigma": "auto"}),
         ({**BF16, "sequence_std": 0.75, "completion_length": 256}, "token-alp", {"alp_init_sigma": "auto"}),
         ({**BF16, "staleness": 4}, "token-alp", {"alp_init_sigma": "auto"}),
-        ({**BF16, "k3_kl": 0.05}, "seq-alp", {"alp_init_sigma": "auto", "alp_rollout_mask": "token"}),
+        (
+            {**BF16, "k3_kl": 0.05},
+            "seq-alp",
+            {
+                "alp_init_sigma": "auto",
+                "alp_rollout_rejection": "seq_mean_k3",
+                "alp_rollout_rejection_threshold": "0.2",
+            },
+        ),
     ],
 )
 def test_each_row_of_the_table(situation, correction, settings):
@@ -36,17 +44,20 @@ def test_each_row_of_the_table(situation, correction, settings):
     )  # a valid config, as printed
 
 
-@pytest.mark.parametrize("field", ["exact_k3", "sequence_std"])
+@pytest.mark.parametrize("field", ["exact_k3", "sequence_std", "rejection_k3"])
 def test_the_thresholds_are_the_boundaries(field):
     """Just below a threshold and at it: the choice flips exactly there (the page quotes these numbers)."""
     limit = getattr(THRESHOLDS, field)
-    key = "k3_kl" if field == "exact_k3" else "sequence_std"
+    key = "sequence_std" if field == "sequence_std" else "k3_kl"
     below, above = (recommend(Situation(**{**BF16, key: value})) for value in (limit * 0.99, limit * 1.01))
-    assert below.correction != above.correction
     if field == "exact_k3":  # on-policy: below the floor TRL's loss, above it the noise
         assert (below.correction, above.correction) == ("grpo", "seq-alp")
-    else:
+    elif field == "sequence_std":
         assert (below.correction, above.correction) == ("seq-alp", "token-alp")
+    else:  # the same ratio, with verl's divergence rejection added above the threshold
+        assert (
+            "alp_rollout_rejection" not in below.settings and above.settings["alp_rollout_rejection"] == "seq_mean_k3"
+        )
 
 
 def test_truncated_sampling_never_gets_trls_unreplayed_loss():

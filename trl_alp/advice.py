@@ -24,9 +24,11 @@ class Thresholds:
     # [0.5, 2], the lower edge of ALP's clip [1 − 0.5, 1 + 3]; beyond it a growing share of whole sequences is
     # clipped for the mismatch alone. bf16 vLLM crosses it between 16 (0.18) and 64 tokens (docs/results/vllm.md).
     sequence_std: float = 0.35
-    # k3 KL per token above which a token veto is worth adding (a single token with π/μ near 0 then decides a
-    # sequence's ratio); 10× the bf16 engine's 1e-3.
-    veto_k3: float = 1e-2
+    # k3 KL per token above which verl's divergence rejection (seq_mean_k3) is added, at a threshold of
+    # `rejection_factor` × the measured k3: the few diverging sequences go, the typical ones stay. 10× the bf16
+    # engine's 1e-3; verl's presets use 0.01 (docs/corrections.md#rollout-rejection).
+    rejection_k3: float = 1e-2
+    rejection_factor: float = 4.0
 
 
 THRESHOLDS = Thresholds()
@@ -134,11 +136,14 @@ def recommend(situation: Situation, thresholds: Thresholds = THRESHOLDS) -> Reco
             f"inexact engine (k3 {s.k3_kl:.2g} nats/token): ALP with σ₀ calibrated to the mismatch{sigma}; "
             f"{level}-bypass measured the same within the spread on every grid run here, at ~1-7 % less time per step"
         )
-        if s.k3_kl > t.veto_k3:
-            settings["alp_rollout_mask"] = "token"
+        if s.k3_kl > t.rejection_k3:
+            threshold = f"{t.rejection_factor * s.k3_kl:.2g}"
+            settings |= {"alp_rollout_rejection": "seq_mean_k3", "alp_rollout_rejection_threshold": threshold}
             reasons.append(
-                f"k3 {s.k3_kl:.2g} > {t.veto_k3:g} nats/token: reject tokens whose π_old/μ leaves the authors' band "
-                "[0, 5] (alp_rollout_mask; see docs/corrections.md#rollout-rejection)"
+                f"k3 {s.k3_kl:.2g} > {t.rejection_k3:g} nats/token: reject the sequences whose mean k3 exceeds "
+                f"{t.rejection_factor:g}× the engine's (verl's seq_mean_k3); run once with "
+                "alp_rollout_rejection_metrics_only=True to read the share it would reject "
+                "(docs/corrections.md#rollout-rejection)"
             )
     if s.truncated:
         reasons.append("truncated sampling: keep alp_replay_support=True (the default), so π and μ share a support")
