@@ -62,7 +62,13 @@ class ALPConfig(GRPOConfig):
     The ALP ratio is ``π_{θ,δ}(y) / μ(y)``: the numerator is the training policy's log-probs from a forward pass with
     learnable Gaussian noise ``σ_l · ε`` on the input of each selected decoder layer, the denominator the log-probs
     the rollout engine reported when it sampled. Every check that needs only the config runs at construction, so a
-    typo fails before any model is loaded. The defaults are the ALP authors' single-turn math recipe.
+    typo fails before any model is loaded.
+
+    Where the defaults come from: σ (`alp_init_sigma` 0.02, `alp_sigma_lr` 1e-2, `alp_sigma_weight_decay` 0.01), the
+    clips (`alp_epsilon_low` 0.5, `alp_epsilon_high` 3.0, `alp_dual_clip` 10) and the sequence-level ratio
+    (`correction="seq-alp"`) are the ALP authors' single-turn math recipe; the rollout band [0, 5] is their rejection
+    mask's (the mask is off by default); every other ALP field defaults to off or to TRL's behaviour; every
+    `GRPOConfig` field keeps TRL's default (`alp_recipe` applies the authors' full recipes, TRL fields included).
 
     Parameters: Correction
         correction (`str`, *optional*, defaults to `"seq-alp"`):
