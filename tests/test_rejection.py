@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from engines import StandInVLLM
-from tiny_setup import last_logged
+from tiny_setup import capture_loss_inputs, last_logged
 
 import trl_alp.trainer as trainer_module
 from trl_alp import ALPConfig
@@ -392,17 +392,6 @@ def record_loss_masks(monkeypatch):
         return aggregate(per_token_loss, mask, *args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "aggregate_loss", recording)
-    return seen
-
-
-def capture_loss_inputs(trainer):
-    seen, original = [], trainer._compute_loss
-
-    def compute_loss(model, inputs):
-        seen.append(inputs)
-        return original(model, inputs)
-
-    trainer._compute_loss = compute_loss
     return seen
 
 

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 from engines import StandInVLLM
-from tiny_setup import last_logged
+from tiny_setup import capture_loss_inputs, last_logged
 
 from trl_alp import ALPConfig
 from trl_alp.config import KL_CLAMP
@@ -149,18 +149,6 @@ def test_mask_rejected_where_it_cannot_apply(correction):
 def test_mask_and_clamp_validation(overrides, match):
     with pytest.raises(ValueError, match=match):
         ALPConfig(output_dir="x", report_to="none", bf16=False, use_cpu=True, **overrides)
-
-
-def capture_loss_inputs(trainer):
-    """Record the batches `_compute_loss` receives."""
-    seen, original = [], trainer._compute_loss
-
-    def compute_loss(model, inputs):
-        seen.append(inputs)
-        return original(model, inputs)
-
-    trainer._compute_loss = compute_loss
-    return seen
 
 
 @pytest.fixture

@@ -49,3 +49,15 @@ def count_no_grad_logprob_passes(trainer) -> list:
 
     trainer._get_per_token_logps_and_entropies = counting.__get__(trainer)
     return passes
+
+
+def capture_loss_inputs(trainer) -> list[dict]:
+    """Record the batches `trainer._compute_loss` receives (the list fills as the trainer trains)."""
+    seen, original = [], trainer._compute_loss
+
+    def compute_loss(model, inputs):
+        seen.append(inputs)
+        return original(model, inputs)
+
+    trainer._compute_loss = compute_loss
+    return seen

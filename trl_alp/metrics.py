@@ -165,8 +165,9 @@ class ALPMetrics:
         ``masked_frac`` (valid tokens it rejects) and ``seq_masked_frac`` (sequences with tokens that have any); per
         verl criterion the ``mean`` of its statistic over the valid tokens (a sequence statistic counts once per
         token, as verl's ``rollout_rs_<option>_mean``) and its ``max`` over tokens or sequences; for the veto
-        ``token_frac`` (valid tokens under the floor). ``alp/rollout_rejection/masked_frac`` and ``seq_masked_frac``
-        count every criterion together, the ratio band's `band_rejected` included.
+        ``token_frac`` (valid tokens under the floor); the ratio band's `band_rejected` as ``alp/rollout_mask/
+        {masked_frac, seq_masked_frac}``. ``alp/rollout_rejection/masked_frac`` and ``seq_masked_frac`` count every
+        criterion together, the ratio band included.
 
         Returns:
             That combined ``masked_frac``.
@@ -187,6 +188,9 @@ class ALPMetrics:
                 peaks.append((f"{prefix}/{name}/max", values.float().masked_fill(~over.bool(), -math.inf).amax()))
             if rejection.below_veto is not None:
                 shares.append((f"{prefix}/veto/token_frac", rejection.below_veto, mask))
+        if band_rejected is not None:
+            shares.append(("alp/rollout_mask/masked_frac", band_rejected, mask))
+            shares.append(("alp/rollout_mask/seq_masked_frac", band_rejected.any(-1, keepdim=True), has_tokens))
         shares.append((f"{prefix}/masked_frac", everything, mask))
         shares.append((f"{prefix}/seq_masked_frac", everything.any(-1, keepdim=True), has_tokens))
         metrics = self[mode]

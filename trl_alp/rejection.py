@@ -297,3 +297,31 @@ def rollout_rejection(
     for tokens in rejected.values():
         any_rejected = any_rejected | tokens
     return RolloutRejection(rejected, statistics, below, (~any_rejected).to(keep_dtype))
+
+
+class RolloutDecision(NamedTuple):
+    """Every rejection a config sets, on one batch: the authors' band (`band_weights`, `band_rejected`) and verl's
+    criteria with the veto (`rejection`); each None when not set."""
+
+    band_weights: torch.Tensor | None
+    band_rejected: torch.Tensor | None
+    rejection: RolloutRejection | None
+
+
+def decide_rollouts(args, old_logps: torch.Tensor, rollout_logps: torch.Tensor, mask: torch.Tensor) -> RolloutDecision:
+    """`rollout_mask_weights` and `rollout_rejection` as an `ALPConfig` (`args`) sets them, on π_old/μ."""
+    band_weights, band_rejected, rejection = None, None, None
+    if args.alp_rollout_mask is not None:
+        band_weights, band_rejected = rollout_mask_weights(
+            old_logps,
+            rollout_logps,
+            mask,
+            args.alp_rollout_mask,
+            args.alp_rollout_mask_min,
+            args.alp_rollout_mask_max,
+            args.alp_rollout_mask_weighted,
+        )
+    if args.alp_rollout_rejection is not None or args.alp_rollout_veto_threshold is not None:
+        bounds = args.rollout_rejection_bounds
+        rejection = rollout_rejection(old_logps, rollout_logps, mask, bounds, args.alp_rollout_veto_threshold)
+    return RolloutDecision(band_weights, band_rejected, rejection)

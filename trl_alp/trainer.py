@@ -45,7 +45,7 @@ from .loss import (
 )
 from .metrics import ALPMetrics
 from .perturbation import LayerPerturbation, find_decoder_layers, is_logits_only, parse_layer_spec, unwrap_model
-from .rejection import rollout_mask_weights, rollout_rejection
+from .rejection import decide_rollouts
 from .rollout import record_generate_logprobs, rollout_engine
 from .support import RolloutSupports, replay_forward, support_warpers
 from .vllm_engine import alp_engine
@@ -515,47 +515,18 @@ class ALPGRPOTrainer(GRPOTrainer):
         0/1 mask that multiplies the loss mask (the token leaves the loss and its normaliser, as verl's response mask).
         Either is None when not set, and both are None under ``alp_rollout_rejection_metrics_only``.
 
-        As in the ALP authors' code (multi-turn/verl/trainer/ppo/core_algos.py, ``compute_rollout_importance_weights(
-        old_log_prob=old_log_prob, rollout_log_prob=rollout_log_probs, ...)`` with ``old_log_probs`` recomputed by
-        ``actor_rollout_wg.compute_log_prob`` in eval mode, i.e. without noise) every criterion is computed on
-        π_old/μ, not on the (perturbed) ratio being clipped. π_old is TIS/MIS's own denominator (`old_logps`), else
-        TRL's recomputed old log-probs; when generation and optimizer steps are aligned TRL does not compute them
-        because the weights have not moved since sampling, so a no-grad forward of the current model (no noise: the
-        hooks are silent without grad) is π_old.
+        On π_old/μ, as the ALP authors' mask (docs/corrections.md#rollout-rejection): TIS/MIS's own denominator,
+        else TRL's recomputed old log-probs, else (steps aligned: the weights have not moved since sampling) a no-grad
+        forward of the current model, where the noise hooks stay silent.
         """
         if old_logps is None:
             old_logps = inputs.get("old_per_token_logps")
         if old_logps is None:
             with torch.no_grad():
                 old_logps = self._alp_completion_logps(self.model, inputs)[0]
-        args = self.args
-        metrics = self._metrics[mode]
-        has_tokens = mask.amax(-1, keepdim=True)
-        band_weights, band_rejected = None, None
-        if args.alp_rollout_mask is not None:
-            band_weights, band_rejected = rollout_mask_weights(
-                old_logps,
-                rollout_logps,
-                mask,
-                args.alp_rollout_mask,
-                args.alp_rollout_mask_min,
-                args.alp_rollout_mask_max,
-                args.alp_rollout_mask_weighted,
-            )
-            metrics["alp/rollout_mask/masked_frac"].append(self.alp_metrics.masked_mean(band_rejected, mask))
-            metrics["alp/rollout_mask/seq_masked_frac"].append(
-                self.alp_metrics.masked_mean(band_rejected.any(-1, keepdim=True), has_tokens)
-            )
-        keep = None
-        if args.alp_rollout_rejection is not None or args.alp_rollout_veto_threshold is not None:
-            rejection = rollout_rejection(
-                old_logps, rollout_logps, mask, args.rollout_rejection_bounds, args.alp_rollout_veto_threshold
-            )
-            keep = rejection.keep
-        else:
-            rejection = None
-        rejected_frac = self.alp_metrics.log_rejection(mode, rejection, band_rejected, mask)
-        if args.alp_rollout_rejection_metrics_only:
+        decision = decide_rollouts(self.args, old_logps, rollout_logps, mask)
+        rejected_frac = self.alp_metrics.log_rejection(mode, decision.rejection, decision.band_rejected, mask)
+        if self.args.alp_rollout_rejection_metrics_only:
             return None, None
         if rejected_frac == 1.0 and not self._alp_warned_all_rejected:
             self._alp_warned_all_rejected = True
@@ -564,7 +535,7 @@ class ALPGRPOTrainer(GRPOTrainer):
                 "1): the batch gives no policy gradient. Loosen the thresholds, or try them first with "
                 "alp_rollout_rejection_metrics_only=True."
             )
-        return band_weights, keep
+        return decision.band_weights, None if decision.rejection is None else decision.rejection.keep
 
     def _alp_log_diagnostics(self, mode, inputs, per_token_logps, rollout_logps, mask) -> None:
         self.alp_metrics.log_ratio(mode, "alp", per_token_logps, rollout_logps, mask)
