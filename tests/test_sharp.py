@@ -92,6 +92,23 @@ def test_clean_ratio_metrics_prefer_the_unperturbed_log():
     assert out["clean_log_ratio_width"] == pytest.approx(math.log(1.1 / 0.9))
     assert out["clean_k3_kl_max"] == 2e-2 and out["clean_kl_spikes"] == 2  # above 5e-3
     assert out["kl_spikes"] == 3 and out["entropy_first_third"] == 0.9 and out["entropy_last_third"] == 0.3
+    assert math.isnan(out["clean_entropy_last_third"])  # an ALP run that did not log the clean entropy has none
+    for h, clean_entropy in zip(history, (0.5, 0.4, 0.2), strict=True):
+        h["alp/unperturbed/entropy"] = clean_entropy
+    out = summarize_history(history, 0.2, 0.4, GRIDS["sharp"])
+    assert out["clean_entropy_last_third"] == 0.2 and out["history"]["clean_entropy"] == [0.5, 0.4, 0.2]
+    assert out["entropy_last_third"] == 0.3  # TRL's (perturbed) entropy stays beside it
+    noise_free = [{k: v for k, v in h.items() if not k.startswith("alp/unperturbed")} for h in history]
+    assert summarize_history(noise_free, 0.2, 0.4, GRIDS["sharp"])["clean_entropy_last_third"] == 0.3
+
+
+def test_exploration_uses_the_clean_entropy_and_reads_older_noise_free_records():
+    entropy = analysis.METRICS["entropy"]
+    old_bypass = {"correction": "seq-bypass", "entropy_last_third": 0.3}
+    old_alp = {"correction": "seq-alp@middle", "entropy_last_third": 0.4}  # perturbed: not the clean policy's
+    assert analysis.metric_value(old_bypass, entropy) == 0.3
+    assert math.isnan(analysis.metric_value(old_alp, entropy))
+    assert analysis.metric_value(dict(old_alp, clean_entropy_last_third=0.35), entropy) == 0.35
 
 
 def test_sign_flip_holm_and_bootstrap_by_hand():
@@ -170,7 +187,11 @@ def test_tiny_sharp_grid_on_vllm_writes_the_analysis(tmp_path, monkeypatch):
     run = json.loads((out / "results" / "vllm-bf16-s1" / "seq-alp" / "seed0.json").read_text())
     assert set(run["eval_final"]) == {"reward", "pass@1", "pass@8"} and run["steps"] == 2
     assert run["clean_log_ratio_width"] != run["log_ratio_width"]  # the clean ratio was logged beside the noisy one
-    assert "| tails |" in (out / "analysis.md").read_text()
+    assert len(run["history"]["clean_entropy"]) == 2 and run["history"]["clean_entropy"] != run["history"]["entropy"]
+    assert (out / "exploration.png").stat().st_size > 10_000
+    text = (out / "analysis.md").read_text()
+    assert "| tails |" in text and "## vllm-bf16-s1: tails" in text
+    assert "## vllm-bf16-s1: layers" not in text  # no ablation run in this cell: no empty section
 
 
 def test_gpu_scale_sharp_grid_is_a_valid_config_and_needs_cuda(tmp_path, capsys):

@@ -133,7 +133,8 @@ class ALPConfig(GRPOConfig):
             on-policy), and counted in `alp/support/truncated_frac`. With `use_vllm` it is the number of log-probs
             vLLM returns per token (`top_k` when that is smaller).
         alp_log_unperturbed_ratio (`bool`, *optional*, defaults to `False`):
-            One extra no-grad clean forward per micro-step, its ratio to the rollout logged under `alp/unperturbed/*`.
+            One extra no-grad clean forward per micro-step: its ratio to the rollout and its entropy logged under
+            `alp/unperturbed/*` (TRL's `entropy` is the loss forward's, which ALP perturbs).
 
     Parameters: Rollout rejection and KL
         alp_rollout_mask (`str`, *optional*):
@@ -242,7 +243,9 @@ class ALPConfig(GRPOConfig):
     )
     alp_log_unperturbed_ratio: bool = field(
         default=False,
-        metadata={"help": "Also log the clean policy's ratio under alp/unperturbed/* (one extra no-grad forward)."},
+        metadata={
+            "help": "Also log the clean policy's ratio and entropy under alp/unperturbed/* (one extra no-grad forward)."
+        },
     )
     alp_noise_seed: int | None = field(
         default=None, metadata={"help": "Seed of the perturbation noise; None uses `seed`."}

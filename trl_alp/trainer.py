@@ -541,8 +541,10 @@ class ALPGRPOTrainer(GRPOTrainer):
         self.alp_metrics.log_ratio(mode, "alp", per_token_logps, rollout_logps, mask)
         if self.args.alp_log_unperturbed_ratio:
             with torch.no_grad():  # no grad: the hooks stay silent, this is the clean policy
-                clean = self._alp_completion_logps(self.model, inputs)[0]
+                clean, clean_entropy, _ = self._alp_completion_logps(self.model, inputs, compute_entropy=True)
             self.alp_metrics.log_ratio(mode, "alp/unperturbed", clean, rollout_logps, mask)
+            # TRL's `entropy` comes from the loss forward, which ALP perturbs: this one is the policy that samples
+            self._metrics[mode]["alp/unperturbed/entropy"].append(self.alp_metrics.masked_mean(clean_entropy, mask))
         self.alp_metrics.log_sigma(mode, self.alp_perturbation)
 
     # ------------------------------------------------------------------------------------ saving / loading

@@ -5,8 +5,9 @@ Fixed before any run (and only changed by a commit that says so):
 * **metrics**, one number per run (`trl_alp.experiments.stress.summarize_history`): the last-third log(P98/P2) width
   of the sequence ratio, the max k3 KL(μ‖π), the number of steps with k3 above the grid's spike threshold — all three
   of the *clean* policy π against the engine μ (an ALP run logs it beside its perturbed ratio), so every correction
-  is measured on the same quantity — the final held-out reward, the final pass@8, and the mean policy entropy over
-  the last third of the steps;
+  is measured on the same quantity — the final held-out reward, the final pass@8, and the mean entropy of the
+  clean policy over the last third of the steps (changed after the first full grid: TRL's logged `entropy` is the
+  loss forward's, which ALP perturbs, so it differed between ALP and its baseline at step 1, before any update);
 * **comparisons**, each a pair (ALP variant, baseline) on one metric, in every cell (`CLAIMS`);
 * **statistics**: the mean paired difference over the seeds both runs finished, a 95 % percentile bootstrap interval
   of it (10 000 resamples, seed 0), the exact two-sided sign-flip permutation p-value (Monte Carlo above 16 seeds),
@@ -25,6 +26,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..corrections import CORRECTIONS
 from .runner import finite, markdown_table, number
 
 ALPHA = 0.05
@@ -45,7 +47,7 @@ METRICS = {
     "spikes": Metric("clean_kl_spikes", "lower", "steps with k3 above the spike threshold"),
     "reward": Metric("reward_final", "higher", "final held-out reward"),
     "pass": Metric("eval_final.pass@8", "higher", "final held-out pass@8"),
-    "entropy": Metric("entropy_last_third", "higher", "policy entropy, last third"),
+    "entropy": Metric("clean_entropy_last_third", "higher", "entropy of the clean policy, last third"),
 }
 
 # Each claim: (its pairs, its metrics); the first pair on the first metric is the primary comparison.
@@ -78,7 +80,21 @@ def metric_value(result: dict, metric: Metric) -> float:
     value = result
     for part in metric.key.split("."):
         value = value.get(part) if isinstance(value, dict) else None
+    if value is None and metric.key == "clean_entropy_last_third" and not _perturbs(result):
+        value = result.get("entropy_last_third")  # a record from before the clean entropy was logged: no noise, same
     return float(value) if isinstance(value, (int, float)) and finite(value) else math.nan
+
+
+def clean_entropy_curve(result: dict) -> list[float] | None:
+    """A run's entropy of the clean policy per step (None for an older ALP record that logged only the perturbed one)."""
+    history = result.get("history", {})
+    if "clean_entropy" in history:
+        return history["clean_entropy"]
+    return None if _perturbs(result) else history.get("entropy")
+
+
+def _perturbs(result: dict) -> bool:
+    return CORRECTIONS[result["correction"].split("@")[0]].perturbs
 
 
 def paired_differences(a: dict[int, float], b: dict[int, float]) -> list[float]:

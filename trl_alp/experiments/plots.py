@@ -7,6 +7,7 @@ import math
 import os
 from collections.abc import Sequence
 
+from .analysis import clean_entropy_curve
 from .runner import load_log_history, read_json, series, state_path
 
 ENVELOPE_KEYS = ("q02", "q25", "q50", "q75", "q98")
@@ -142,4 +143,53 @@ def plot_phase_diagram(
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.4 / height, 1, 1))  # 0.4 in at the bottom for the legend
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_exploration(results: Sequence[dict], cells: Sequence[str], path: str) -> None:
+    """Write the exploration figure of a grid with held-out evaluations: per cell, the clean policy's entropy over
+    training (mean over seeds, per correction) above the final held-out pass@8 (mean and the seeds' min–max).
+
+    Args:
+        results: Finished run results (`trl_alp.experiments.stress.summarize_history`), with ``eval_final["pass@8"]``;
+            a run without the clean policy's entropy (`trl_alp.experiments.analysis.clean_entropy_curve`) has no curve.
+        cells: The columns, in the grid's order; a cell without results is left out.
+        path: Where to write the PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_cell: dict[str, dict[str, list[dict]]] = {}
+    for r in results:
+        by_cell.setdefault(r["cell"], {}).setdefault(r["correction"], []).append(r)
+    cells = [c for c in cells if c in by_cell]
+    if not cells:
+        return
+    fig, axes = plt.subplots(2, len(cells), figsize=(3.6 * len(cells), 6.4), squeeze=False)
+    for j, cell in enumerate(cells):
+        corrections = list(by_cell[cell])
+        top, bottom = axes[0][j], axes[1][j]
+        for correction in corrections:
+            curves = [c for c in map(clean_entropy_curve, by_cell[cell][correction]) if c]
+            if curves:
+                length = min(len(c) for c in curves)
+                mean = [sum(c[i] for c in curves) / len(curves) for i in range(length)]
+                top.plot(range(1, length + 1), mean, label=correction, lw=1.2)
+            values = [r["eval_final"]["pass@8"] for r in by_cell[cell][correction] if r.get("eval_final")]
+            if values:
+                i, m = corrections.index(correction), sum(values) / len(values)
+                bottom.errorbar(i, m, yerr=[[m - min(values)], [max(values) - m]], fmt="o", capsize=3)
+        top.set_title(cell, fontsize=10)
+        top.set_xlabel("step", fontsize=9)
+        bottom.set_xticks(range(len(corrections)), corrections, rotation=60, ha="right", fontsize=8)
+        top.grid(alpha=0.3)
+        bottom.grid(alpha=0.3)
+    axes[0][0].set_ylabel("clean policy entropy (nats/token),\nmean over seeds", fontsize=9)
+    axes[1][0].set_ylabel("final held-out pass@8\n(mean, seeds' min–max)", fontsize=9)
+    axes[0][0].legend(fontsize=6, ncol=2, loc="best")  # the first cell has every correction
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

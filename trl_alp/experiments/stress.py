@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
-from .plots import plot_envelopes, plot_phase_diagram
+from .plots import plot_envelopes, plot_exploration, plot_phase_diagram
 from .runner import (
     TRAINING_SETTINGS,
     LogHistory,
@@ -514,6 +514,8 @@ def summarize_history(
     # the clean policy's ratio π/μ (without the noise): the same quantity for every correction
     clean = "alp/unperturbed" if any("alp/unperturbed/ratio/seq/q02" in h for h in entries) else "alp"
     clean_k3 = [v for v in steps.values(f"{clean}/mismatch/k3_kl") if finite(v)]
+    # TRL's `entropy` comes from the loss forward, which ALP perturbs; the clean policy's is logged beside it
+    clean_entropy = steps.values("alp/unperturbed/entropy" if clean == "alp/unperturbed" else "entropy")
     summary = {
         "steps": n,
         "reward_start": reward_start,
@@ -524,6 +526,7 @@ def summarize_history(
         "kl_spikes": sum(v > grid.spike_kl for v in steps.values("alp/mismatch/k3_kl") if finite(v)),
         "entropy_first_third": _third_mean(steps.values("entropy"), first=True),
         "entropy_last_third": _third_mean(steps.values("entropy"), first=False),
+        "clean_entropy_last_third": _third_mean(clean_entropy, first=False),
         "log_ratio_width": _last_third_width(q02, q98),
         "clean_log_ratio_width": _last_third_width(
             steps.values(f"{clean}/ratio/seq/q02"), steps.values(f"{clean}/ratio/seq/q98")
@@ -540,6 +543,7 @@ def summarize_history(
             "ratio_steps": steps_q02,
             "sigma_mean": steps.values("alp/sigma/mean"),
             "entropy": steps.values("entropy"),
+            "clean_entropy": clean_entropy,
         },
     }
     summary["outcome"] = classify(summary, margin, kl_bound)
@@ -684,6 +688,7 @@ def write_report(args: StressArguments) -> dict:
         )
     if grid.analysis:
         write_analysis(args, finished)
+        plot_exploration(finished, cells, os.path.join(args.output_dir, "exploration.png"))
     return report
 
 
@@ -733,7 +738,8 @@ def write_analysis(args: StressArguments, results: list[dict]) -> dict:
     lines += [f"| {claim} | {analysis['verdicts'][claim]} |" for claim in CLAIMS]
     for cell, claims in analysis["comparisons"].items():
         for claim, rows in claims.items():
-            lines += ["", f"## {cell}: {claim}", "", comparison_table(rows)]
+            if any(r["pairs"] for r in rows):  # a cell without a claim's corrections (the ablation) has no section
+                lines += ["", f"## {cell}: {claim}", "", comparison_table(rows)]
     with open(os.path.join(args.output_dir, "analysis.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return analysis
