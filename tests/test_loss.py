@@ -153,3 +153,24 @@ def test_one_k3_estimator_for_the_loss_the_logged_metric_and_calibration():
     assert from_loss == pytest.approx(exact, rel=1e-9)
     assert from_calibration == pytest.approx(exact, rel=1e-9)
     assert from_metric == pytest.approx(exact, rel=1e-6)  # reported as a float32 value
+
+
+def test_each_correction_divides_by_its_own_denominator():
+    from trl_alp.corrections import CORRECTIONS
+    from trl_alp.loss import correction_ratio
+
+    logps = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    rollout, old, mask = torch.tensor([[-1.5, -2.5]]), torch.tensor([[-1.2, -2.0]]), torch.ones(1, 2)
+    alp = correction_ratio(CORRECTIONS["token-alp"], logps, rollout, old, mask, "token")
+    torch.testing.assert_close(alp.log_weights, torch.tensor([[0.5, 0.5]]))  # over μ: π_old plays no part
+    assert alp.is_weights is None and alp.denominator is rollout
+    mis = correction_ratio(CORRECTIONS["token-mis"], logps, rollout, old, mask, "token", (0.5, 1.4))
+    torch.testing.assert_close(mis.log_weights, torch.tensor([[0.2, 0.0]]))  # over π_old
+    # the rollout weight π_old/μ: e^0.3 ≈ 1.35 inside [0.5, 1.4], e^0.5 ≈ 1.65 outside: masked
+    torch.testing.assert_close(mis.is_weights, torch.tensor([[math.exp(0.3), 0.0]]))
+    assert mis.is_hit.tolist() == [[False, True]]
+    aligned = correction_ratio(CORRECTIONS["seq-tis"], logps, rollout, None, mask, "sequence", (None, 2.0))
+    torch.testing.assert_close(aligned.log_weights, torch.zeros(1, 2))  # no π_old from TRL: the numerator itself
+    torch.testing.assert_close(aligned.is_weights, torch.tensor([[2.0]]))  # e^1 truncated at 2
+    aligned.log_weights.sum().backward()
+    torch.testing.assert_close(logps.grad, torch.ones(1, 2))  # the gradient still flows through the numerator

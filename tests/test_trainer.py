@@ -14,7 +14,7 @@ from trl import GRPOConfig, GRPOTrainer
 import trl_alp.perturbation as perturbation_module
 from trl_alp import ALPGRPOTrainer
 from trl_alp.experiments.models import build_tiny_model
-from trl_alp.trainer import LogpsCall
+from trl_alp.logps import LogpsCall
 
 
 def _hooks(trainer):

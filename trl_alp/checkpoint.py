@@ -9,13 +9,17 @@ under FSDP2/DeepSpeed, the state of σ's own optimizer (under DDP that state is 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import textwrap
 from typing import Any
 
 import torch
 
 from .perturbation import LayerPerturbation
+
+logger = logging.getLogger(__name__)
 
 ALP_STATE_FILE = "alp_state.json"
 ALP_STATE_VERSION = 2  # 1 (trl-alp 0.1): layer_indices and σ only; 2: the whole perturbation setup
@@ -94,6 +98,26 @@ def check_alp_setup(state: dict, setup: dict, source: str) -> None:
             f"{source} was saved with another ALP perturbation setup ({details}). Resume with the same "
             "correction, alp_layers, alp_layers_path and alp_relative_sigma, or start a new run."
         )
+
+
+def restore_sigma(state: dict, perturbation: LayerPerturbation, sigma_optimizer, source: str) -> None:
+    """Copy σ from `state` (an ``alp_state.json`` whose setup was checked), and the state of σ's own optimizer where
+    the run has one (FSDP2/DeepSpeed; under DDP it is a group of the Trainer's ``optimizer.pt``)."""
+    with torch.no_grad():
+        perturbation.log_sigma.copy_(torch.tensor(state["log_sigma"]))
+    if sigma_optimizer is None:
+        return
+    if state.get("sigma_optimizer") is None:
+        logger.warning("%s has no state of σ's optimizer: σ's Adam moments start from zero.", source)
+    else:
+        sigma_optimizer.load_state_dict(tensor_state(state["sigma_optimizer"]))
+
+
+def copy_model_card(output_dir: str, target_dir: str) -> None:
+    """A model saved outside the run's `output_dir` gets the card TRL wrote there (TRL writes it to `output_dir`)."""
+    card = os.path.join(output_dir, "README.md")
+    if os.path.abspath(target_dir) != os.path.abspath(output_dir) and os.path.exists(card):
+        shutil.copyfile(card, os.path.join(target_dir, "README.md"))
 
 
 def json_state(value: Any) -> Any:

@@ -335,6 +335,39 @@ def rollout_correction_weights(
     return weights, hit
 
 
+class Ratio(NamedTuple):
+    """A correction's importance ratio on one batch (`correction_ratio`)."""
+
+    log_weights: torch.Tensor  # (B, T) log-weights of the clipped ratio, with gradient through the numerator
+    denominator: torch.Tensor  # (B, T) the ratio's denominator log-probs: μ (ALP, Bypass) or π_old (TIS, MIS)
+    is_weights: torch.Tensor | None  # TIS/MIS rollout weight π_old/μ, (B, T) or (B, 1); None for ALP and Bypass
+    is_hit: torch.Tensor | None  # where that weight was truncated or masked
+
+
+def correction_ratio(
+    correction,
+    logps: torch.Tensor,
+    rollout_logps: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    mask: torch.Tensor,
+    level: str,
+    is_clip: tuple[float | None, float | None] = (None, None),
+) -> Ratio:
+    """The ratio a `trl_alp.corrections.Correction` trains with: ALP and Bypass over the rollout log-probs μ; TIS and
+    MIS over TRL's π_old (`old_logps`, or the detached numerator when TRL computed none: the weights have not moved
+    since sampling), times the rollout weight π_old/μ bounded by `is_clip` (`rollout_correction_weights`).
+    """
+    denominator = rollout_logps
+    if correction.uses_old_logps:
+        denominator = logps.detach() if old_logps is None else old_logps
+    is_weights = is_hit = None
+    if correction.is_mode is not None:
+        is_weights, is_hit = rollout_correction_weights(
+            denominator, rollout_logps, mask, correction.level, correction.is_mode, *is_clip
+        )
+    return Ratio(alp_log_weights(logps, denominator, mask, level), denominator, is_weights, is_hit)
+
+
 def drop_nonfinite(
     mask: torch.Tensor, logps: torch.Tensor, rollout_logps: torch.Tensor, entropies: torch.Tensor
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:

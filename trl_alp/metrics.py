@@ -146,6 +146,25 @@ class ALPMetrics:
         metrics["alp/sigma/mean"].append(sigma.mean().item())
         metrics["alp/sigma/max"].append(sigma.max().item())
 
+    def log_faults(self, mode: str, faults: torch.Tensor) -> None:
+        """Masked tokens dropped for a non-finite rollout / training log-prob (`trl_alp.loss.drop_nonfinite`)."""
+        rollout, numerator = self.trainer.accelerator.reduce(faults, reduction="sum").tolist()
+        self[mode]["alp/faults/rollout_nonfinite"].append(rollout)
+        self[mode]["alp/faults/numerator_nonfinite"].append(numerator)
+
+    def log_kept_mass(self, mode: str, unreplayed_logps, logps, counts, mask) -> None:
+        """π(S_t), the mass the policy being trained keeps on each token's sampling support: what the replay divides
+        out (``alp/support/policy_kept_mass``, over the tokens that carry a support)."""
+        kept = torch.exp(unreplayed_logps - logps.detach())
+        self[mode]["alp/support/policy_kept_mass"].append(self.masked_mean(kept, mask * (counts > 0)))
+
+    def log_calibration(self, calibration) -> None:
+        """What σ₀'s calibration chose (`trl_alp.calibration.Calibration`), at the step it ran."""
+        metrics = self["train"]
+        metrics["alp/sigma/calibrated"].append(calibration.sigma)
+        metrics["alp/sigma/calibration_mismatch_kl"].append(calibration.mismatch_kl)
+        metrics["alp/sigma/calibration_noise_kl"].append(calibration.noise_kl)
+
     def log_clip(self, mode: str, clip_stats: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
         """The clipped shares under ALP's names and TRL's (``clip_ratio/*``)."""
         metrics = self[mode]

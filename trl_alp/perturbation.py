@@ -17,6 +17,7 @@ Two properties make this cheap and safe:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 import threading
@@ -24,6 +25,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 # Where decoder layers live, in the order they are tried (after unwrapping DDP/FSDP/DeepSpeed and PEFT wrappers).
 LAYER_CONTAINER_PATHS = (
@@ -436,3 +439,36 @@ class LayerPerturbation(nn.Module):
             yield
         finally:
             self._suspended -= 1
+
+
+def build_perturbation(
+    model: nn.Module,
+    layers: str | Sequence[int] | None,
+    layers_path: str | None,
+    init_sigma: float,
+    *,
+    perturbs: bool,
+    learnable: bool,
+    seed: int,
+    relative: bool = False,
+) -> tuple[LayerPerturbation, str | None]:
+    """The perturbation an `ALPConfig` asks for on `model`, and where its layers live (None without noise).
+
+    Without noise (`perturbs` False: Bypass, GRPO, TIS, MIS) it perturbs nothing and has no σ to learn.
+    """
+    if not perturbs:
+        return LayerPerturbation(nn.ModuleList(), [], init_sigma, learnable=False, seed=seed), None
+    path, decoder_layers = find_decoder_layers(model, layers_path)
+    indices = parse_layer_spec(layers, len(decoder_layers))
+    final = unwrap_model(model).base_model if is_logits_only(layers) else None
+    logger.info("ALP: noise on %s", "the final hidden state" if final is not None else f"{path}{indices}")
+    perturbation = LayerPerturbation(
+        decoder_layers,
+        indices,
+        init_sigma=init_sigma,
+        learnable=learnable and (bool(indices) or final is not None),
+        seed=seed,
+        relative=relative,
+        final_module=final,
+    )
+    return perturbation, path

@@ -9,10 +9,8 @@ and `checkpoint` (``alp_state.json``, the model card).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,63 +25,24 @@ from .checkpoint import (
     alp_setup,
     alp_state,
     check_alp_setup,
+    copy_model_card,
     model_card_section,
     read_alp_state,
-    tensor_state,
+    restore_sigma,
     write_alp_state,
 )
 from .compat import FORWARD_KEYS, GENERATE_LOGPROBS
 from .config import KL_CLAMP, ALPConfig, alp_defaults
-from .loss import (
-    aggregate_loss,
-    alp_log_weights,
-    drop_nonfinite,
-    k3_kl,
-    kl_weights,
-    policy_loss,
-    rollout_correction_weights,
-)
+from .logps import SUPPORT_KEYS, LogpsCall
+from .loss import aggregate_loss, correction_ratio, drop_nonfinite, k3_kl, kl_weights, policy_loss
 from .metrics import ALPMetrics
-from .perturbation import LayerPerturbation, find_decoder_layers, is_logits_only, parse_layer_spec, unwrap_model
+from .perturbation import build_perturbation, unwrap_model
 from .rejection import decide_rollouts
 from .rollout import record_generate_logprobs, rollout_engine
 from .support import RolloutSupports, replay_forward, support_warpers
 from .vllm_engine import alp_engine
 
 logger = logging.getLogger(__name__)
-
-# The batch's support table under truncated sampling (`support.pack_supports`): ids, counts and log covers.
-SUPPORT_KEYS = ("alp_support_ids", "alp_support_counts", "alp_support_cover")
-
-
-@dataclasses.dataclass
-class LogpsCall:
-    """What TRL's shared log-prob helper, `_get_per_token_logps_and_entropies`, does at one call site.
-
-    TRL calls that helper for generation scoring (old and reference passes) and for its loss, with no argument telling
-    them apart; each site that needs something else opens one of these (`ALPGRPOTrainer._alp_logps_call`) around
-    its TRL call, and reads the results from it afterwards.
-
-    Attributes:
-        skip_old: TRL's no-grad "old" pass returns ``None`` ("not computed": ALP and Bypass do not need it), once.
-        table: The batch's sampling-support table (truncated sampling): every pass replays on it.
-        rollout: The generation batch's rollout supports, set by `_generate` while TRL scores that batch: its old and
-            reference passes replay on them.
-        logps: The log-probs the last pass returned (the loss forward's, under ``correction="grpo"``).
-        unreplayed_logps: The last replayed pass's log-probs before the replay (over the whole vocabulary).
-    """
-
-    skip_old: bool = False
-    table: tuple[torch.Tensor, ...] | None = None
-    rollout: RolloutSupports | None = None
-    logps: torch.Tensor | None = None
-    unreplayed_logps: torch.Tensor | None = None
-
-    def support(self, width: int) -> tuple[torch.Tensor, ...] | None:
-        """The support table a pass of `width` completion tokens replays on, or `None`."""
-        if self.table is not None:
-            return self.table
-        return self.rollout.table(width) if self.rollout is not None else None
 
 
 class ALPGRPOTrainer(GRPOTrainer):
@@ -155,7 +114,17 @@ class ALPGRPOTrainer(GRPOTrainer):
                 f"{backend_name(self.accelerator)} keeps partitioned: use FSDP2 or ZeRO-0/1/2, or set "
                 "alp_replay_support=False (the ratio is then off by the kept mass)."
             )
-        self.alp_perturbation = self._alp_build_perturbation(args).to(self.accelerator.device)
+        self.alp_perturbation, self._alp_layers_path = build_perturbation(
+            self.model,
+            args.alp_layers,
+            args.alp_layers_path,
+            FALLBACK_SIGMA if args.alp_init_sigma == "auto" else args.alp_init_sigma,  # "auto": calibrated later
+            perturbs=self.correction.perturbs,
+            learnable=args.alp_learn_sigma,
+            seed=args.seed if args.alp_noise_seed is None else args.alp_noise_seed,
+            relative=args.alp_relative_sigma,
+        )
+        self.alp_perturbation.to(self.accelerator.device)
         if self.alp_perturbation.log_sigma.requires_grad and self.optimizer is not None:
             raise ValueError(
                 "ALPGRPOTrainer builds σ's optimizer group itself: pass optimizers=(None, None), or set "
@@ -168,26 +137,6 @@ class ALPGRPOTrainer(GRPOTrainer):
             )
             self.vllm_importance_sampling_correction = False
         self.add_callback(SigmaGradCallback(self))
-
-    def _alp_build_perturbation(self, args: ALPConfig) -> LayerPerturbation:
-        seed = args.seed if args.alp_noise_seed is None else args.alp_noise_seed
-        init_sigma = FALLBACK_SIGMA if args.alp_init_sigma == "auto" else args.alp_init_sigma  # "auto": set later
-        if not self.correction.perturbs:
-            return LayerPerturbation(torch.nn.ModuleList(), [], init_sigma, learnable=False, seed=seed)
-        self._alp_layers_path, layers = find_decoder_layers(self.model, args.alp_layers_path)
-        indices = parse_layer_spec(args.alp_layers, len(layers))
-        final = unwrap_model(self.model).base_model if is_logits_only(args.alp_layers) else None
-        where = "the final hidden state" if final else f"{self._alp_layers_path}{indices}"
-        logger.info("ALP: correction=%s, noise on %s", self.correction.name, where)
-        return LayerPerturbation(
-            layers,
-            indices,
-            init_sigma=init_sigma,
-            learnable=args.alp_learn_sigma and (bool(indices) or final is not None),
-            seed=seed,
-            relative=args.alp_relative_sigma,
-            final_module=final,
-        )
 
     # ------------------------------------------------------------------------------------ backends and optimizer
     def create_accelerator_and_postprocess(self):
@@ -252,10 +201,7 @@ class ALPGRPOTrainer(GRPOTrainer):
             seed_key=(self.state.global_step, 0, self.accelerator.process_index),
         )
         report_calibration(result)
-        metrics = self._metrics["train"]
-        metrics["alp/sigma/calibrated"].append(result.sigma)
-        metrics["alp/sigma/calibration_mismatch_kl"].append(result.mismatch_kl)
-        metrics["alp/sigma/calibration_noise_kl"].append(result.noise_kl)
+        self.alp_metrics.log_calibration(result)
         self.alp_calibration = result.to_dict()
         return self.alp_calibration
 
@@ -396,36 +342,24 @@ class ALPGRPOTrainer(GRPOTrainer):
         (mask, per_token_logps, rollout_logps, entropies), faults = drop_nonfinite(
             mask, per_token_logps, rollout_logps, entropies
         )
-        faults = self.accelerator.reduce(faults, reduction="sum").tolist()
+        self.alp_metrics.log_faults(mode, faults)
+        if call.unreplayed_logps is not None:
+            self.alp_metrics.log_kept_mass(mode, call.unreplayed_logps, per_token_logps, inputs[SUPPORT_KEYS[1]], mask)
         metrics = self._metrics[mode]
-        metrics["alp/faults/rollout_nonfinite"].append(faults[0])
-        metrics["alp/faults/numerator_nonfinite"].append(faults[1])
-        if call.unreplayed_logps is not None:  # π(S_t) of the policy being trained: what the replay divides out
-            kept = torch.exp(call.unreplayed_logps - per_token_logps.detach())
-            counts = inputs[SUPPORT_KEYS[1]]
-            metrics["alp/support/policy_kept_mass"].append(self.alp_metrics.masked_mean(kept, mask * (counts > 0)))
         advantages = inputs["advantages"]
         advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
         args, correction, level = self.args, self.correction, self.args.ratio_level
 
-        # The ratio: ALP/Bypass over the rollout log-probs; TIS/MIS over TRL's π_old, times the rollout weight π_old/μ.
-        if correction.uses_old_logps:
-            old_logps = inputs.get("old_per_token_logps")
-            denominator = per_token_logps.detach() if old_logps is None else old_logps
-        else:
-            denominator = rollout_logps
-        log_weights = alp_log_weights(per_token_logps, denominator, mask, level)
-        is_weights = None
-        if correction.is_mode is not None:
-            is_weights, is_hit = rollout_correction_weights(
-                denominator,
-                rollout_logps,
-                mask,
-                correction.level,
-                correction.is_mode,
-                args.vllm_importance_sampling_clip_min,
-                args.vllm_importance_sampling_clip_max,
-            )
+        ratio = correction_ratio(
+            correction,
+            per_token_logps,
+            rollout_logps,
+            inputs.get("old_per_token_logps"),
+            mask,
+            level,
+            (args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max),
+        )
+        denominator, is_weights = ratio.denominator, ratio.is_weights
 
         vespo_weights = None
         if self.loss_type == "vespo":  # TRL's γ-weights; the rollout weight goes inside them, never multiplied again
@@ -441,7 +375,7 @@ class ALPGRPOTrainer(GRPOTrainer):
             )
         per_token_loss, clip_stats = policy_loss(
             self.loss_type,
-            log_weights,
+            ratio.log_weights,
             advantages,
             per_token_logps,
             args.clip,
@@ -497,7 +431,7 @@ class ALPGRPOTrainer(GRPOTrainer):
             self.alp_metrics.log_clip(mode, clip_stats, mask)
         if is_weights is not None:
             name = f"alp/is/{'truncated' if correction.is_mode == 'truncate' else 'masked'}_frac"
-            metrics[name].append(self.alp_metrics.masked_mean(is_hit, mask))
+            metrics[name].append(self.alp_metrics.masked_mean(ratio.is_hit, mask))
         if self.beta != 0.0:
             metrics["kl"].append(self.alp_metrics.masked_mean(per_token_kl, mask))
         metrics["entropy"].append(self.alp_metrics.masked_mean(entropies, mask))
@@ -507,17 +441,12 @@ class ALPGRPOTrainer(GRPOTrainer):
     def _alp_rollout_rejection(
         self, mode: str, inputs, old_logps: torch.Tensor | None, rollout_logps: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Every rollout-rejection criterion of the config on π_old/μ (`trl_alp.rejection`), logged under
-        ``alp/rollout_mask/*`` and ``alp/rollout_rejection/*``.
+        """The config's rollout rejection on π_old/μ (`trl_alp.rejection.decide_rollouts`), logged.
 
-        Returns ``(band_weights, keep)``: the authors' ratio-band weights, which multiply the clipped policy loss (the
-        token stays in the normaliser, as their ``pg_losses * rollout_is_weights``), and verl's criteria and veto as a
-        0/1 mask that multiplies the loss mask (the token leaves the loss and its normaliser, as verl's response mask).
-        Either is None when not set, and both are None under ``alp_rollout_rejection_metrics_only``.
-
-        On π_old/μ, as the ALP authors' mask (docs/corrections.md#rollout-rejection): TIS/MIS's own denominator,
-        else TRL's recomputed old log-probs, else (steps aligned: the weights have not moved since sampling) a no-grad
-        forward of the current model, where the noise hooks stay silent.
+        Returns ``(band_weights, keep)``: the authors' band weights multiply the clipped loss (the token stays in the
+        normaliser); verl's criteria and veto give a 0/1 mask on the loss mask (the token leaves loss and normaliser).
+        Either is None when not set; both are None under ``alp_rollout_rejection_metrics_only``. π_old is TIS/MIS's
+        denominator, else TRL's old pass, else (steps aligned) a no-grad forward, where the hooks stay silent.
         """
         if old_logps is None:
             old_logps = inputs.get("old_per_token_logps")
@@ -571,9 +500,7 @@ class ALPGRPOTrainer(GRPOTrainer):
             output_dir = output_dir or self.args.output_dir
             self._alp_write_state(output_dir)
             self.create_model_card(model_name=os.path.basename(os.path.normpath(output_dir)))
-            card = os.path.join(self.args.output_dir, "README.md")
-            if os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir) and os.path.exists(card):
-                shutil.copyfile(card, os.path.join(output_dir, "README.md"))
+            copy_model_card(self.args.output_dir, output_dir)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's model card (citing ALP through `_paper`) plus the run's ALP settings and what alp_state.json holds."""
@@ -603,13 +530,6 @@ class ALPGRPOTrainer(GRPOTrainer):
         """Restore σ (and its calibration, never redone) from `state` (an ``alp_state.json``); refuse a state written
         for another perturbation setup."""
         check_alp_setup(state, self._alp_setup(), source)
-        with torch.no_grad():
-            self.alp_perturbation.log_sigma.copy_(torch.tensor(state["log_sigma"]))
+        restore_sigma(state, self.alp_perturbation, self.alp_sigma_optimizer, source)
         self.alp_calibration = state.get("calibration")
         self._alp_sigma_restored = True
-        saved = state.get("sigma_optimizer")
-        if self.alp_sigma_optimizer is not None:
-            if saved is None:
-                logger.warning("%s has no state of σ's optimizer: σ's Adam moments start from zero.", source)
-            else:
-                self.alp_sigma_optimizer.load_state_dict(tensor_state(saved))

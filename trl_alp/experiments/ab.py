@@ -140,7 +140,7 @@ class MicroStep:
     """
 
     def __init__(self, alp, grpo, batch: dict, num_items, optimizer_step: bool):
-        from ..trainer import SUPPORT_KEYS
+        from ..logps import SUPPORT_KEYS
 
         self.alp, self.grpo, self.batch, self.num_items = alp, grpo, batch, num_items
         self.unreplayed = {key: value for key, value in batch.items() if key not in SUPPORT_KEYS}
