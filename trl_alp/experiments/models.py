@@ -174,10 +174,13 @@ def smollm2_path() -> str:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config._name_or_path = target
-    tmp = target + ".partial"
+    tmp = f"{target}.partial-{os.getpid()}"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target)
+    if os.path.exists(target):  # another process converted it meanwhile
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, target)
     return target
 
 
