@@ -20,10 +20,15 @@ BF16 = {"k3_kl": 1e-3, "sequence_std": 0.18, "completion_length": 16}  # vLLM bf
     [
         ({"k3_kl": 5e-9, "sequence_std": 0.0, "completion_length": 256}, "grpo", {}),
         ({"k3_kl": 5e-9, "sequence_std": 0.0, "completion_length": 256, "truncated": True}, "token-mis", {}),
-        ({"k3_kl": 5e-9, "sequence_std": 0.0, "completion_length": 256, "staleness": 16}, "token-bypass", {}),
+        ({"k3_kl": 5e-9, "sequence_std": 0.0, "completion_length": 256, "staleness": 16}, "token-mis", {}),
         (BF16, "seq-alp", {"alp_init_sigma": "auto"}),
         ({**BF16, "sequence_std": 0.75, "completion_length": 256}, "token-alp", {"alp_init_sigma": "auto"}),
-        ({**BF16, "staleness": 4}, "token-alp", {"alp_init_sigma": "auto"}),
+        ({**BF16, "staleness": 4}, "token-mis", {}),
+        (
+            {**BF16, "k3_kl": 0.05, "staleness": 4},
+            "token-mis",
+            {"alp_rollout_rejection": "seq_mean_k3", "alp_rollout_rejection_threshold": "0.2"},
+        ),
         (
             {**BF16, "k3_kl": 0.05},
             "seq-alp",
@@ -119,10 +124,10 @@ def test_mismatch_recommends_per_engine(tmp_path, capsys):
     measured = json.loads((out / "results.json").read_text())["engines"]["4bit"]
     assert advice["situation"]["k3_kl"] == measured["token"]["k3_kl"]
     assert advice["situation"]["sequence_std"] == measured["sequence"]["8"]["std"]
-    assert advice["situation"]["staleness"] == 4 and advice["correction"] == "token-alp"  # stale: token level
+    assert advice["situation"]["staleness"] == 4 and advice["correction"] == "token-mis"  # stale: over π_old
     assert advice["calibration"]["sigma"] == advice["situation"]["auto_sigma"] > 0
     printed = capsys.readouterr().out
-    assert "4bit: ALPConfig(correction='token-alp', alp_init_sigma='auto')" in printed
+    assert "4bit: ALPConfig(correction='token-mis'" in printed
     assert "Recommendation" in (out / "results.md").read_text()
 
 
