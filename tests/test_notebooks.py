@@ -215,9 +215,9 @@ def _with_source(install: str, source: str) -> str:
 
 
 def _pip_line(cell) -> str:
-    (output,) = cell.outputs
-    assert output.output_type == "stream", output
-    return output.text
+    # one print, but a busy kernel may flush it as several stream messages
+    assert cell.outputs and all(output.output_type == "stream" for output in cell.outputs), cell.outputs
+    return "".join(output.text for output in cell.outputs)
 
 
 def _exit_message(cell) -> str:
