@@ -167,6 +167,10 @@ def plot_exploration(results: Sequence[dict], cells: Sequence[str], path: str) -
     cells = [c for c in cells if c in by_cell]
     if not cells:
         return
+    # one colour per correction in every panel
+    names = list(dict.fromkeys(r["correction"] for r in results))
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colors = {name: palette(i % palette.N) for i, name in enumerate(names)}
     fig, axes = plt.subplots(2, len(cells), figsize=(3.6 * len(cells), 6.4), squeeze=False)
     for j, cell in enumerate(cells):
         corrections = list(by_cell[cell])
@@ -176,11 +180,12 @@ def plot_exploration(results: Sequence[dict], cells: Sequence[str], path: str) -
             if curves:
                 length = min(len(c) for c in curves)
                 mean = [sum(c[i] for c in curves) / len(curves) for i in range(length)]
-                top.plot(range(1, length + 1), mean, label=correction, lw=1.2)
+                top.plot(range(1, length + 1), mean, label=correction, lw=1.2, color=colors[correction])
             values = [r["eval_final"]["pass@8"] for r in by_cell[cell][correction] if r.get("eval_final")]
             if values:
                 i, m = corrections.index(correction), sum(values) / len(values)
-                bottom.errorbar(i, m, yerr=[[m - min(values)], [max(values) - m]], fmt="o", capsize=3)
+                spread = [[m - min(values)], [max(values) - m]]
+                bottom.errorbar(i, m, yerr=spread, fmt="o", capsize=3, color=colors[correction])
         top.set_title(cell, fontsize=10)
         top.set_xlabel("step", fontsize=9)
         bottom.set_xticks(range(len(corrections)), corrections, rotation=60, ha="right", fontsize=8)

@@ -242,8 +242,8 @@ class StressArguments:
         metadata={
             "help": f"Model, task, settings and cells: one of {list(GRIDS)} (--preset is an alias). 'sharp': a "
             "pretrained sharp policy on real vLLM engines, 4 cells x 7 corrections + the layer ablation, 320 runs at "
-            "10 seeds: about 4 hours on 2 CPU cores with --workers 2 (the first run pretrains the policy once, ~10 "
-            "min); 'sharp-gpu': the same regime at GPU scale, for a CUDA machine."
+            "10 seeds: 2.5 hours with --workers 2 on 2 AVX-512 CPU cores, longer on AVX2-only ones (the first run "
+            "pretrains the policy once, ~10 min); 'sharp-gpu': the same regime at GPU scale, for a CUDA machine."
         },
     )
     corrections: str | None = field(
