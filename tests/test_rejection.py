@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from engines import StandInVLLM
-from tiny_setup import capture_loss_inputs, last_logged
+from tiny_setup import alp_log, capture_loss_inputs, last_logged
 
 import trl_alp.trainer as trainer_module
 from trl_alp import ALPConfig
@@ -335,7 +335,7 @@ def test_criteria_apply_to_alp_bypass_tis_and_mis(correction, caplog):
             alp_rollout_veto_threshold=1e-4,
             alp_rollout_rejection_metrics_only=True,
         )
-    assert caplog.text == "" and args.rejects_rollouts
+    assert alp_log(caplog) == "" and args.rejects_rollouts
     assert args.rollout_rejection_bounds == {"seq_mean_k3": (None, 0.01), "token_k1": (0.5, 2.0)}
 
 

@@ -61,3 +61,9 @@ def capture_loss_inputs(trainer) -> list[dict]:
 
     trainer._compute_loss = compute_loss
     return seen
+
+
+def alp_log(caplog) -> str:
+    """What trl_alp itself logged. Only its own records: once a vLLM engine ran in this test process, torch.distributed
+    stays initialised and transformers warns about it on every config, whichever test comes next."""
+    return "".join(f"{record.getMessage()}\n" for record in caplog.records if record.name.startswith("trl_alp"))
