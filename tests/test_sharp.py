@@ -109,6 +109,31 @@ def test_exploration_uses_the_clean_entropy_and_reads_older_noise_free_records()
     assert analysis.metric_value(old_bypass, entropy) == 0.3
     assert math.isnan(analysis.metric_value(old_alp, entropy))
     assert analysis.metric_value(dict(old_alp, clean_entropy_last_third=0.35), entropy) == 0.35
+    # the figure's curves follow the same rule
+    assert analysis.clean_entropy_curve(dict(old_bypass, history={"entropy": [0.3]})) == [0.3]
+    assert analysis.clean_entropy_curve(dict(old_alp, history={"entropy": [0.4]})) is None
+    assert analysis.clean_entropy_curve(dict(old_alp, history={"entropy": [0.4], "clean_entropy": [0.35]})) == [0.35]
+
+
+def test_exploration_figure_is_written_for_every_cell_with_results(tmp_path):
+    from trl_alp.experiments.plots import plot_exploration
+
+    results = [
+        {
+            "cell": cell,
+            "correction": correction,
+            "history": {"entropy": [0.2, 0.1], "clean_entropy": [0.2, 0.15]},
+            "eval_final": {"pass@8": 0.1 * seed},
+        }
+        for cell in ("vllm-bf16-s16", "vllm-fp32-s1")
+        for correction in ("seq-bypass", "seq-alp")
+        for seed in range(2)
+    ]
+    path = tmp_path / "figures" / "exploration.png"
+    plot_exploration(results, ["vllm-bf16-s16", "vllm-bf16-s1", "vllm-fp32-s1"], str(path))
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    plot_exploration(results, ["vllm-fp32-s16"], str(tmp_path / "none.png"))  # no cell with results: no figure
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_sign_flip_holm_and_bootstrap_by_hand():
