@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import torch
 
+from .corrections import Correction
+
 LOG_RATIO_CLAMP = 20.0
 RATIO_LEVELS = ("token", "sequence", "geometric")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
@@ -345,7 +347,7 @@ class Ratio(NamedTuple):
 
 
 def correction_ratio(
-    correction,
+    correction: Correction,
     logps: torch.Tensor,
     rollout_logps: torch.Tensor,
     old_logps: torch.Tensor | None,
